@@ -1,0 +1,336 @@
+"""Image data: readers for the standard on-disk layouts, image folders and arrays, and the
+one-class protocol.
+
+Everything is held as uint8 tensors ``(N, C, H, W)`` (small enough to live on the training
+device) and converted to the model's input (3 x 32 x 32 by default) once, when read.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ImageSet", "DATASETS", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images",
+    "load_image_folder", "find_images", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
+]
+
+DATA_ROOT_ENV = "FIRM_DATA_ROOT"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 ``(N, C, H, W)``, integer labels, class names and (for files) paths."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+    name: str = ""
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: Tensor | np.ndarray | list[int]) -> "ImageSet":
+        index = torch.as_tensor(index, dtype=torch.long)
+        paths = [self.paths[i] for i in index.tolist()] if self.paths else []
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.name, paths)
+
+
+def resize_images(images: Tensor, size: int, channels: int = 3) -> Tensor:
+    """uint8 ``(N, C, H, W)`` to ``(N, channels, size, size)``: antialiased bilinear resize
+    (aspect ratio is not kept, so no part of the image is cut off); grey is replicated to RGB."""
+    c = images.shape[1]
+    if c not in (1, 3) or channels not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {c} (model expects {channels})")
+    if images.shape[-2:] != (size, size):
+        out = []
+        for chunk in images.split(4096):
+            x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(x.round().clamp(0, 255).to(torch.uint8))
+        images = torch.cat(out) if out else images.new_zeros(0, c, size, size)
+    if c == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    elif c == 3 and channels == 1:
+        images = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    return images.contiguous()
+
+
+def as_images(array, size: int = 32, channels: int = 3, name: str = "images") -> Tensor:
+    """An array or tensor of images in any common layout as uint8 ``(N, channels, size, size)``.
+
+    Accepts ``(N, H, W)`` grey, ``(N, H, W, C)`` or ``(N, C, H, W)`` with C in 1, 3 or 4 (alpha
+    dropped, with a warning); uint8, or floats in [0, 1]. Other sizes are resized. Anything that
+    cannot be converted without guessing is refused with a message naming ``name``.
+    """
+    x = torch.as_tensor(np.asarray(array) if not isinstance(array, Tensor) else array).detach().cpu()
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected a batch of images (N, H, W), (N, H, W, C) or (N, C, H, W); got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] not in (1, 3, 4):
+        raise ValueError(f"{name}: {x.shape[1]} channels cannot be read as grey, RGB or RGBA (shape {tuple(x.shape)}); "
+                         "pass images with 1, 3 or 4 channels")
+    if x.shape[1] == 4:
+        warnings.warn(f"{name}: dropping the alpha channel of RGBA images", stacklevel=2)
+        x = x[:, :3]
+    if x.dtype.is_floating_point:
+        lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 1.0)
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{name}: float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                             "pass uint8 images or divide by 255")
+        x = (x * 255).round().to(torch.uint8)
+    elif x.dtype != torch.uint8:
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) > 255):
+            raise ValueError(f"{name}: integer images must lie in [0, 255], got [{int(x.min())}, {int(x.max())}]")
+        x = x.to(torch.uint8)
+    if len(x) == 0:
+        raise ValueError(f"{name}: no images (the array is empty)")
+    return resize_images(x, size, channels)
+
+
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
+    """The data folder: the argument, else ``$FIRM_DATA_ROOT``; a clear error when neither exists."""
+    root = data_root or os.environ.get(DATA_ROOT_ENV)
+    if not root:
+        raise FileNotFoundError(f"no data root given: pass --data-root DIR (or set {DATA_ROOT_ENV}) to the folder "
+                                "that holds cifar-10-batches-py/, FashionMNIST/raw/ etc.")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data root {path} does not exist or is not a folder; pass --data-root to an existing folder")
+    return path
+
+
+def _find(root: Path, folder: str, files: list[str], dataset: str) -> Path:
+    """``root/folder`` (or root itself, when the user pointed at the folder) holding ``files``."""
+    for candidate in (root / folder, root):
+        if all((candidate / f).exists() or (candidate / (f + ".gz")).exists() for f in files):
+            return candidate
+    raise FileNotFoundError(
+        f"{dataset} not found under {root}: expected {root / folder}/ with {', '.join(files)} "
+        f"(the layout torchvision's download creates). Point --data-root at the folder that holds {folder}/."
+    )
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for dataset files that builds numpy arrays and builtins only, never code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "list"), ("builtins", "dict")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"dataset file refers to {module}.{name}, which a data file never needs")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _ArrayUnpickler(f, encoding="latin1").load()
+
+
+def _cifar_images(rows: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32))
+
+
+def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
+    folder = _find(root, "cifar-10-batches-py", ["data_batch_1", "test_batch"], "CIFAR-10")
+    classes = _unpickle(folder / "batches.meta")["label_names"] if (folder / "batches.meta").exists() else \
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    batches = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6) if (folder / f"data_batch_{i}").exists()]
+    test = _unpickle(folder / "test_batch")
+    train_set = ImageSet(_cifar_images(np.concatenate([b["data"] for b in batches])),
+                         torch.tensor(sum((list(b["labels"]) for b in batches), []), dtype=torch.long), classes, "cifar10")
+    test_set = ImageSet(_cifar_images(test["data"]), torch.tensor(test["labels"], dtype=torch.long), classes, "cifar10")
+    return train_set, test_set
+
+
+def load_cifar100(root: Path) -> tuple[ImageSet, ImageSet]:
+    """CIFAR-100 with its 20 superclasses ("coarse labels") as the classes (the paper's CIFAR-100-20)."""
+    folder = _find(root, "cifar-100-python", ["train", "test"], "CIFAR-100")
+    meta = _unpickle(folder / "meta") if (folder / "meta").exists() else {}
+    classes = meta.get("coarse_label_names", [f"superclass_{i}" for i in range(20)])
+    sets = []
+    for split in ("train", "test"):
+        d = _unpickle(folder / split)
+        sets.append(ImageSet(_cifar_images(d["data"]), torch.tensor(d["coarse_labels"], dtype=torch.long), classes, "cifar100"))
+    return sets[0], sets[1]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {body.size} values")
+    return body.reshape(shape)
+
+
+def _idx_path(folder: Path, stem: str) -> Path:
+    return folder / stem if (folder / stem).exists() else folder / (stem + ".gz")
+
+
+def _load_idx_dataset(root: Path, folder_name: str, dataset: str, classes: list[str]) -> tuple[ImageSet, ImageSet]:
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    folder = None
+    for sub in (f"{folder_name}/raw", folder_name, "raw", "."):
+        try:
+            folder = _find(root, sub, stems, dataset)
+            break
+        except FileNotFoundError:
+            continue
+    if folder is None:
+        _find(root, f"{folder_name}/raw", stems, dataset)  # raises the explanatory error
+    arrays = [_read_idx(_idx_path(folder, s)) for s in stems]
+    name = dataset.lower().replace("-", "")
+    return tuple(ImageSet(torch.from_numpy(arrays[i].copy()).unsqueeze(1), torch.from_numpy(arrays[i + 1].astype(np.int64)),
+                          classes, name) for i in (0, 2))
+
+
+def load_fashionmnist(root: Path) -> tuple[ImageSet, ImageSet]:
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    return _load_idx_dataset(root, "FashionMNIST", "Fashion-MNIST", classes)
+
+
+def load_mnist(root: Path) -> tuple[ImageSet, ImageSet]:
+    return _load_idx_dataset(root, "MNIST", "MNIST", [str(i) for i in range(10)])
+
+
+def load_digits(root: Path | None = None, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """scikit-learn's bundled 8 x 8 digits (1,797 images): the default that needs no files.
+    Split per class, 2/3 train and 1/3 test, with a fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+    d = sk_digits()
+    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    gen = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        cut = (2 * len(idx)) // 3
+        train_idx.append(idx[:cut])
+        test_idx.append(idx[cut:])
+    classes = [str(i) for i in range(10)]
+    full = ImageSet(images, labels, classes, "digits")
+    return full.subset(torch.cat(train_idx)), full.subset(torch.cat(test_idx))
+
+
+DATASETS = {
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "fashionmnist": load_fashionmnist,
+    "mnist": load_mnist,
+    "digits": load_digits,
+}
+
+
+def load_dataset(name: str, data_root: str | os.PathLike | None = None, size: int = 32,
+                 channels: int = 3) -> tuple[ImageSet, ImageSet]:
+    """Train and test split of dataset ``name``, converted to ``channels x size x size``."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or use an image folder")
+    root = None if key == "digits" else resolve_data_root(data_root)
+    train, test = DATASETS[key](root)
+    for s in (train, test):
+        s.images = resize_images(s.images, size, channels)
+    return train, test
+
+
+def find_images(paths: list[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """Image files under the given folders (recursively) and files, sorted; clear errors if none."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist: pass an image file or a folder of images")
+    if not found:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, paths))}")
+    return found
+
+
+def load_image_folder(paths, size: int = 32, channels: int = 3, label: int = 0, name: str = "") -> ImageSet:
+    """Read image files (folders are searched recursively) into an :class:`ImageSet`.
+
+    Any size, aspect, grey or colour; files that cannot be decoded are skipped and listed in one
+    warning. Fails only if no image at all can be read.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    files = find_images(paths)
+    images, kept, bad = [], [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB" if channels == 3 else "L")
+                im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            bad.append(f"{f} ({type(e).__name__})")
+            continue
+        images.append(arr.reshape(size, size, channels))
+        kept.append(str(f))
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(files)}: " + "; ".join(bad[:20])
+                      + (" ..." if len(bad) > 20 else ""), stacklevel=2)
+    if not images:
+        raise ValueError(f"none of the {len(files)} file(s) in {paths} could be read as an image")
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(tensor, torch.full((len(kept),), label, dtype=torch.long), [name or "images"], name, kept)
+
+
+def one_class_split(train: ImageSet, test: ImageSet, normal_class: int) -> tuple[ImageSet, ImageSet, Tensor]:
+    """The one-class protocol: train on class ``normal_class`` only; the whole test split is
+    scored; returns ``(normal_train, test, is_anomaly)``."""
+    n_classes = len(train.classes)
+    if not 0 <= normal_class < n_classes:
+        raise ValueError(f"normal class {normal_class} is not a class of {train.name or 'the dataset'} "
+                         f"(classes 0..{n_classes - 1}: {', '.join(train.classes)})")
+    normal = train.subset(torch.nonzero(train.labels == normal_class).squeeze(1))
+    if len(normal) == 0:
+        raise ValueError(f"normal class {normal_class} ({train.classes[normal_class]}) has no training images")
+    return normal, test, (test.labels != normal_class).long()
+
+
+def validation_split(train: ImageSet, normal_class: int, holdout: float = 0.1, anomalies: int | None = None,
+                     seed: int = 0) -> tuple[ImageSet, ImageSet, Tensor]:
+    """A validation protocol inside the training split (as DROC did): hold out a fraction of the
+    normal images and add as many images of the other classes as anomalies (``anomalies`` to
+    choose the number). Returns ``(normal_train, validation, is_anomaly)``; never touches the
+    test split."""
+    normal_train, _, _ = one_class_split(train, train, normal_class)
+    gen = torch.Generator().manual_seed(seed)
+    normal_idx = torch.nonzero(train.labels == normal_class).squeeze(1)
+    normal_idx = normal_idx[torch.randperm(len(normal_idx), generator=gen)]
+    n_val = max(1, int(round(holdout * len(normal_idx))))
+    if n_val >= len(normal_idx):
+        raise ValueError(f"holdout {holdout} leaves no normal images to train on")
+    other_idx = torch.nonzero(train.labels != normal_class).squeeze(1)
+    other_idx = other_idx[torch.randperm(len(other_idx), generator=gen)][: anomalies or n_val]
+    val = train.subset(torch.cat([normal_idx[:n_val], other_idx]))
+    is_anomaly = torch.cat([torch.zeros(n_val, dtype=torch.long), torch.ones(len(other_idx), dtype=torch.long)])
+    return train.subset(normal_idx[n_val:]), val, is_anomaly

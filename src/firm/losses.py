@@ -1,0 +1,246 @@
+"""Contrastive losses: FIRM and the baselines it is compared with.
+
+All four losses are the same softmax cross-entropy over cosine similarities; they differ only
+in which pairs count as positives. Positives are expressed as *groups*: two rows are positives
+of each other when they share a group id. FIRM puts all inliers of one ID class in one group and
+gives every outlier a group of its own (shared only with its second view); NT-Xent gives every
+sample its own group; SupCon uses the labels as groups.
+
+Groups let the positive term be computed from per-group sums of embeddings,
+``sum_{p in P(i)} z_i . z_p = z_i . (sum_{j in g(i)} z_j) - z_i . z_i``, so no N x N float mask
+is ever built: the only quadratic object is the similarity matrix that the softmax needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+OUTLIER_LABEL = -1
+
+__all__ = [
+    "OUTLIER_LABEL",
+    "ContrastiveLoss",
+    "FIRMLoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "LOSS_NAMES",
+    "build_loss",
+    "masked_softmax_loss",
+]
+
+
+def masked_softmax_loss(
+    anchors: Tensor,
+    keys: Tensor,
+    anchor_groups: Tensor,
+    key_groups: Tensor,
+    tau: float,
+    self_index: Tensor | None = None,
+) -> Tensor:
+    """Per-anchor contrastive cross-entropy where positives are keys of the same group.
+
+    ``loss_i = logsumexp_k(a_i . k_k / tau) - mean_{p: g(p) = g(i)} a_i . k_p / tau``.
+    ``self_index[i]`` is the column of anchor ``i`` among the keys (concat layout): that column
+    is removed from the softmax and from the positives. Half-precision inputs are computed in
+    float32 so that large batches cannot overflow.
+    """
+    if anchors.dtype in (torch.float16, torch.bfloat16):
+        anchors, keys = anchors.float(), keys.float()
+    n_anchors = anchors.shape[0]
+    logits = anchors @ keys.T / tau
+    if self_index is not None:
+        rows = torch.arange(n_anchors, device=anchors.device)
+        logits.index_put_((rows, self_index), logits.new_tensor(float("-inf")))
+    log_normaliser = torch.logsumexp(logits, dim=1)
+
+    groups, inverse = torch.unique(torch.cat([anchor_groups, key_groups]), return_inverse=True)
+    anchor_gid, key_gid = inverse[:n_anchors], inverse[n_anchors:]
+    group_sums = keys.new_zeros(len(groups), keys.shape[1]).index_add_(0, key_gid, keys)
+    group_sizes = torch.bincount(key_gid, minlength=len(groups))
+    positive_dot = (anchors * group_sums[anchor_gid]).sum(1)
+    positive_count = group_sizes[anchor_gid]
+    if self_index is not None:
+        own = key_gid[self_index] == anchor_gid
+        positive_dot = positive_dot - torch.where(own, (anchors * keys[self_index]).sum(1), 0.0)
+        positive_count = positive_count - own.long()
+    if bool((positive_count == 0).any()):
+        row = int(torch.nonzero(positive_count == 0)[0])
+        raise ValueError(
+            f"row {row} of the contrastive loss has no positive: its sample has no second view "
+            "with the same label. Pass z1 and z2 in the same sample order, one row per sample."
+        )
+    return log_normaliser - positive_dot / positive_count.to(positive_dot.dtype) / tau
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each rank's gradient for the local slice (works on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def _gather(x: Tensor) -> Tensor:
+    if x.requires_grad:
+        return _GatherWithGrad.apply(x)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class ContrastiveLoss(nn.Module):
+    """Base of the loss family: ``loss(z1, z2, labels)`` on two L2-normalised views.
+
+    Subclasses only define :meth:`positive_groups`. Layouts:
+
+    * ``"concat"``: the 2N x 2N similarity matrix of both views, diagonal excluded, averaged
+      over the 2N rows;
+    * ``"pairwise"``: N x N logits of view-1 anchors against view-2 keys, averaged over N.
+
+    Under ``torch.distributed`` (world size > 1) the embeddings of all ranks are gathered with
+    their gradients and each rank computes the rows of its own anchors against the global
+    batch. The returned value is scaled by the world size so that DistributedDataParallel's
+    gradient averaging yields exactly the gradient of the loss over the global batch; the mean
+    of the returned values over ranks equals that loss.
+    """
+
+    def __init__(self, tau: float = 0.2, mode: str = "concat", gather_distributed: bool = True):
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        if mode not in ("concat", "pairwise"):
+            raise ValueError(f"mode must be 'concat' or 'pairwise', got {mode!r}")
+        self.tau = tau
+        self.mode = mode
+        self.gather_distributed = gather_distributed
+
+    def positive_groups(self, labels: Tensor) -> Tensor:
+        """Group id of each sample (both views share it); equal ids are positives."""
+        raise NotImplementedError
+
+    def forward(self, z1: Tensor, z2: Tensor, labels: Tensor | None = None) -> Tensor:
+        n = _check_views(z1, z2, labels)
+        if labels is None:
+            labels = torch.zeros(n, dtype=torch.long, device=z1.device)
+        world, rank = 1, 0
+        if self.gather_distributed and dist.is_available() and dist.is_initialized():
+            world, rank = dist.get_world_size(), dist.get_rank()
+        if world > 1:
+            k1, k2, all_labels = _gather(z1), _gather(z2), _gather(labels.to(z1.device))
+        else:
+            k1, k2, all_labels = z1, z2, labels.to(z1.device)
+        groups = self.positive_groups(all_labels.long())
+        local = slice(rank * n, (rank + 1) * n)
+        if self.mode == "pairwise":
+            rows = masked_softmax_loss(z1, k2, groups[local], groups, self.tau)
+            return rows.sum() * world / (n * world)  # mean over the N_global anchors, times world
+        n_global = n * world
+        anchors = torch.cat([z1, z2])
+        keys = torch.cat([k1, k2])
+        key_groups = torch.cat([groups, groups])
+        offsets = torch.arange(rank * n, (rank + 1) * n, device=z1.device)
+        self_index = torch.cat([offsets, offsets + n_global])
+        rows = masked_softmax_loss(anchors, keys, key_groups[self_index], key_groups, self.tau, self_index)
+        return rows.sum() * world / (2 * n_global)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, mode={self.mode!r}"
+
+
+def _check_views(z1: Tensor, z2: Tensor, labels: Tensor | None) -> int:
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(
+            f"z1 and z2 must be two (N, D) tensors of the same shape (view 1 and view 2 of the "
+            f"same N samples, in the same order); got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != z1.shape[0]):
+        raise ValueError(f"labels must be a 1-D tensor with one label per sample ({z1.shape[0]}); got shape {tuple(labels.shape)}")
+    if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+        raise ValueError(f"labels must be integers (class ids, or the outlier label); got dtype {labels.dtype}")
+    return z1.shape[0]
+
+
+class FIRMLoss(ContrastiveLoss):
+    """FIRM: inliers of one ID class are all positives of each other; an outlier's only positive
+    is its own second view; inliers and outliers repel.
+
+    ``labels`` hold ID class ids (>= 0) and ``outlier_label`` for synthetic outliers.
+    """
+
+    def __init__(self, tau: float = 0.2, outlier_label: int = OUTLIER_LABEL, mode: str = "concat",
+                 gather_distributed: bool = True):
+        super().__init__(tau, mode, gather_distributed)
+        self.outlier_label = outlier_label
+
+    def positive_groups(self, labels: Tensor) -> Tensor:
+        outlier = labels == self.outlier_label
+        if bool((labels[~outlier] < 0).any()):
+            bad = sorted(set(labels[(~outlier) & (labels < 0)].tolist()))
+            raise ValueError(
+                f"labels {bad} are neither ID class ids (>= 0) nor the outlier label "
+                f"({self.outlier_label}); pass outlier_label= to match your labelling"
+            )
+        # Outliers get ids above every class id: one fresh group per outlier sample.
+        first_free = labels.max().clamp(min=0) + 1
+        own = first_free + torch.arange(len(labels), device=labels.device)
+        return torch.where(outlier, own, labels)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, outlier_label={self.outlier_label}"
+
+
+class NTXentLoss(ContrastiveLoss):
+    """NT-Xent (SimCLR): each sample's only positive is its own second view; labels are ignored."""
+
+    def positive_groups(self, labels: Tensor) -> Tensor:
+        return torch.arange(len(labels), device=labels.device)
+
+
+class SupConLoss(ContrastiveLoss):
+    """Supervised contrastive loss: all samples with the same label are positives.
+
+    With binary labels (ID vs outlier) this is the paper's SupCon baseline; with one label per
+    shifting transform (0 = identity, 1..3 = rotations) it is Rot-SupCon.
+    """
+
+    def positive_groups(self, labels: Tensor) -> Tensor:
+        return labels
+
+
+LOSS_NAMES = ("firm", "ntxent", "supcon", "rotsupcon")
+
+
+def build_loss(name: str, tau: float = 0.2, mode: str = "concat") -> ContrastiveLoss:
+    """The loss called ``name`` (one of :data:`LOSS_NAMES`)."""
+    if name == "firm":
+        return FIRMLoss(tau=tau, mode=mode)
+    if name == "ntxent":
+        return NTXentLoss(tau=tau, mode=mode)
+    if name in ("supcon", "rotsupcon"):
+        return SupConLoss(tau=tau, mode=mode)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+
+
+def batch_labels(name: str, class_labels: Tensor, variant: Tensor) -> Tensor:
+    """Labels for loss ``name`` from a batch's ID class ids and shift variants (0 = inlier).
+
+    FIRM: class id for inliers, :data:`OUTLIER_LABEL` for outliers. SupCon: 0 inlier, 1 outlier.
+    Rot-SupCon: the variant (one label per transform). NT-Xent ignores labels.
+    """
+    if name == "firm":
+        return torch.where(variant == 0, class_labels, torch.full_like(class_labels, OUTLIER_LABEL))
+    if name == "supcon":
+        return (variant > 0).long()
+    if name in ("rotsupcon", "ntxent"):
+        return variant.long()
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")

@@ -1,0 +1,315 @@
+"""Training: batches of inliers and synthetic outliers, two views, the encoder, the loss.
+
+The whole step runs on the model's device without per-image Python work: the images live there
+as uint8, a :class:`~firm.shifts.BatchPlan` says which image and which shift fills each slot, and
+shifts and views are batched tensor operations. Under ``torchrun`` every rank takes its slice of
+each global batch and the loss gathers the embeddings of all ranks.
+
+Checkpoints (one safetensors file holding weights, optimizer, scheduler, RNG and epoch) are
+written atomically every ``checkpoint_every`` epochs; :meth:`Trainer.train` with ``resume=True``
+continues from the last one and reproduces an uninterrupted run exactly. The saved model is the
+last epoch's: test labels never choose it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .losses import LOSS_NAMES, batch_labels, build_loss
+from .models import Encoder
+from .serialization import ModelFileError, atomic_write, load_tensors, save_tensors, to_cpu_state
+from .shifts import BatchPlan, build_shifts
+from .views import ViewAugment, ViewConfig
+
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve_device", "init_distributed", "CHECKPOINT", "LOG"]
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became NaN); the last checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train; the defaults are the authors' reference setting (FIRM.md)."""
+
+    loss: str = "firm"
+    tau: float = 0.2
+    loss_mode: str = "concat"
+    epochs: int = 2000
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    id_share: float | None = None
+    shifts: list[str] = field(default_factory=lambda: ["rotation"])
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    checkpoint_every: int = 10
+    eval_every: int = 0
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+    def __post_init__(self):
+        if isinstance(self.views, dict):
+            self.views = ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.views.items()})
+        if isinstance(self.shifts, str):
+            self.shifts = [s.strip() for s in self.shifts.split(",") if s.strip()]
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"training config has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; a requested CUDA that is missing is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def init_distributed(device: str = "auto") -> torch.device:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on GPU) and return
+    this rank's device; a single process gets ``resolve_device(device)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available() and device != "cpu":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return resolve_device(device)
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Trains an :class:`Encoder` on normal images with synthetic (or auxiliary) outliers.
+
+    ``images`` are the normal training images, uint8 ``(N, C, H, W)``; ``class_labels`` their ID
+    class ids (all 0 in the one-class setting); ``auxiliary`` optional real outlier images
+    (Outlier Exposure) that replace the shifted copies. ``evaluate(model, epoch)`` is called
+    every ``eval_every`` epochs for learning curves; its dict goes into the log only.
+    ``run_dir`` receives ``log.jsonl`` and checkpoints (rank 0 only).
+    """
+
+    def __init__(self, model: Encoder, config: TrainConfig, images: Tensor, class_labels: Tensor | None = None,
+                 auxiliary: Tensor | None = None, run_dir: str | os.PathLike | None = None,
+                 evaluate: Callable[[Encoder, int], dict] | None = None, progress: bool = True):
+        self.config = config
+        self.rank, self.world = _rank_world()
+        self.device = init_distributed(config.device) if self.world > 1 else resolve_device(config.device)
+        if config.batch_size % self.world:
+            raise ValueError(f"batch size {config.batch_size} must be divisible by the number of processes ({self.world})")
+        if images.ndim != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"training images must be uint8 (N, C, H, W); got {images.dtype} {tuple(images.shape)}")
+        if len(images) == 0:
+            raise ValueError("no training images: the normal class or folder is empty")
+        self.images = images.to(self.device)
+        self.class_labels = (class_labels if class_labels is not None else torch.zeros(len(images), dtype=torch.long)).to(self.device)
+        if len(self.class_labels) != len(images):
+            raise ValueError(f"{len(self.class_labels)} class labels for {len(images)} images")
+        if bool((self.class_labels < 0).any()):
+            raise ValueError("ID class labels must be >= 0 (negative labels are reserved for outliers)")
+        self.auxiliary = auxiliary.to(self.device) if auxiliary is not None else None
+        self.shifts = build_shifts(config.shifts)
+        # With Outlier Exposure the plan keeps the authors' slot layout (one slot per shift
+        # variant); every such slot is filled with an auxiliary image instead.
+        self.plan = BatchPlan(len(images), config.batch_size, self.shifts.num_variants, config.id_share,
+                              outlier_sources=len(auxiliary) if auxiliary is not None else None, seed=config.seed)
+        self.views = ViewAugment(config.views)
+        self.loss_fn = build_loss(config.loss, config.tau, config.loss_mode)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.evaluate = evaluate
+        self.progress = progress and self.rank == 0
+
+        self.model = model.to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            if config.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            self.net = torch.compile(self.net)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=config.lr,
+                                                             total_steps=config.epochs * self.plan.steps_per_epoch())
+        self.generator = torch.Generator(device=self.device)
+        self.host_generator = torch.Generator()
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.amp_dtype = torch.bfloat16 if config.amp else None
+
+    # ----------------------------------------------------------------- one step
+    def make_batch(self, index: Tensor, variant: Tensor) -> tuple[Tensor, Tensor]:
+        """Two stacked views ``(2B, C, H, W)`` and the loss labels ``(B,)`` of one batch slice."""
+        if self.auxiliary is None:
+            x = self.images[index].float().div_(255)
+            x = self.shifts(x, variant, self.generator)
+        else:
+            inlier = (variant == 0).view(-1, 1, 1, 1)
+            x = torch.where(inlier, self.images[index.clamp(max=len(self.images) - 1)],
+                            self.auxiliary[index.clamp(max=len(self.auxiliary) - 1)]).float().div_(255)
+            variant = variant.clamp(max=1)
+        classes = torch.where(variant == 0, self.class_labels[index.clamp(max=len(self.images) - 1)], 0)
+        labels = batch_labels(self.config.loss, classes, variant)
+        views = torch.cat([self.views(x, self.generator, self.host_generator),
+                           self.views(x, self.generator, self.host_generator)])
+        if self.config.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        return views, labels
+
+    def step(self, index: Tensor, variant: Tensor) -> Tensor:
+        """One optimisation step on a global batch (this rank takes its slice); returns the loss."""
+        b = index.shape[0] // self.world
+        index, variant = index[self.rank * b:(self.rank + 1) * b], variant[self.rank * b:(self.rank + 1) * b]
+        views, labels = self.make_batch(index, variant)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            z = self.net(views)
+        z1, z2 = z.float().chunk(2)
+        loss = self.loss_fn(z1, z2, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    def seed_epoch(self, epoch: int) -> None:
+        """Seed the augmentation generators from (seed, epoch, rank): an epoch's randomness is
+        then the same whether the run was resumed or not, and differs between ranks."""
+        seed = (self.config.seed * 1_000_003 + epoch) * 1009 + self.rank
+        self.generator.manual_seed(seed)
+        self.host_generator.manual_seed(seed)
+
+    # ----------------------------------------------------------------- epochs
+    def train(self, resume: bool = False) -> Encoder:
+        """Train to ``config.epochs`` (continuing from the run's checkpoint if ``resume``)."""
+        if resume:
+            self.load_checkpoint()
+        elif self.rank == 0 and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.run_dir / LOG, "")
+        cfg = self.config
+        self.model.train()
+        epochs = tqdm(range(self.epoch, cfg.epochs), desc=f"train {cfg.loss}", disable=not self.progress,
+                      initial=self.epoch, total=cfg.epochs, unit="epoch")
+        for epoch in epochs:
+            start = time.perf_counter()
+            index, variant = self.plan.epoch(epoch, self.device)
+            self.seed_epoch(epoch)
+            total = torch.zeros((), device=self.device)
+            steps = tqdm(range(len(index)), desc=f"epoch {epoch + 1}", leave=False, disable=not self.progress)
+            for s in steps:
+                total += self.step(index[s], variant[s])
+                if self.progress and (s % 20 == 19 or s == len(index) - 1):
+                    steps.set_postfix(loss=f"{float(total) / (s + 1):.4f}")
+            mean_loss = float(total) / len(index)
+            if self.world > 1:
+                t = torch.tensor([mean_loss], device=self.device)
+                dist.all_reduce(t)
+                mean_loss = float(t) / self.world
+            if not math.isfinite(mean_loss):
+                where = f"; the last good checkpoint in {self.run_dir} is kept" if self.run_dir else ""
+                raise TrainingError(f"the loss became {mean_loss} in epoch {epoch + 1}{where}. Lower the learning rate "
+                                    "(--lr) or disable mixed precision (--amp off).")
+            self.epoch = epoch + 1
+            seconds = time.perf_counter() - start
+            record = {"epoch": self.epoch, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                      "seconds": seconds, "images_per_s": len(index) * cfg.batch_size / seconds}
+            due_eval = cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs)
+            if due_eval and self.evaluate is not None and self.rank == 0:
+                record.update(self.evaluate(self.model, self.epoch))
+                self.model.train()
+            epochs.set_postfix(loss=f"{mean_loss:.4f}")
+            self._log(record)
+            due_ckpt = cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0
+            if due_ckpt or self.epoch == cfg.epochs:
+                self.save_checkpoint()
+        self.model.eval()
+        return self.model
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.rank != 0 or self.run_dir is None:
+            return
+        with open(self.run_dir / LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        """Atomically write weights, optimizer, scheduler and epoch (rank 0). Random state needs
+        no saving: data order and augmentations are seeded per epoch."""
+        if self.rank != 0 or self.run_dir is None:
+            return
+        tensors = {f"model.{k}": v for k, v in to_cpu_state(self.model).items()}
+        for i, p in enumerate(self.model.parameters()):
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"optim.{i}"] = buf
+        meta = {"epoch": self.epoch, "scheduler": self.scheduler.state_dict(), "train": self.config.to_dict(),
+                "model": self.model.config.to_dict()}
+        save_tensors(self.run_dir / CHECKPOINT, tensors, meta)
+
+    def load_checkpoint(self) -> None:
+        if self.run_dir is None:
+            raise ValueError("resume needs the run folder that holds the checkpoint")
+        tensors, meta = load_tensors(self.run_dir / CHECKPOINT, "checkpoint")
+        if meta.get("model") != self.model.config.to_dict():
+            raise ModelFileError(f"checkpoint in {self.run_dir} is for another model ({meta.get('model')}); "
+                                 "resume with the same settings or start a new run folder")
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelFileError(f"checkpoint weights in {self.run_dir} do not match the model: {e}") from e
+        for i, p in enumerate(self.model.parameters()):
+            if f"optim.{i}" in tensors:
+                self.optimizer.state[p]["momentum_buffer"] = tensors[f"optim.{i}"].to(self.device)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.epoch = int(meta["epoch"])
+        if self.rank == 0:
+            log = self.run_dir / LOG
+            kept = [line for line in (log.read_text().splitlines() if log.exists() else [])
+                    if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch]
+            atomic_write(log, "".join(line + "\n" for line in kept))
+            self.history = [json.loads(line) for line in kept]
