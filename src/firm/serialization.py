@@ -20,6 +20,8 @@ __all__ = ["FORMAT_VERSION", "ModelFileError", "atomic_write", "write_json", "re
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "firm"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ModelFileError(ValueError):
@@ -36,6 +38,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
