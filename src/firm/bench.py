@@ -12,6 +12,7 @@ images plus images of the other classes, as DROC did); it is what presets are tu
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from .scoring import SCORERS
 from .serialization import write_json
 from .training import TrainConfig, Trainer
 
-__all__ = ["PRESETS", "RunSpec", "preset_configs", "plan_grid", "run_grid", "run_one", "load_records"]
+__all__ = ["PRESETS", "RunSpec", "preset_configs", "plan_grid", "run_grid", "run_one", "load_records", "bench_command"]
 
 # ``paper`` is the authors' setting. ``cpu`` was chosen on validation splits of the CIFAR-10
 # training set (docs/results/cpu_preset_tuning.md); it is sized for the 10 CIFAR-10 classes x 3
@@ -191,3 +192,38 @@ def run_grid(specs: list[RunSpec], preset: dict, out_dir: str | Path, data_root:
             + f" ({result['total_seconds']:.0f} s)")
         results.append(result)
     return results
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import yaml
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def bench_command(args) -> None:
+    """``firm bench``: run this shard's share of the grid, then rebuild the report from every
+    finished run in the folder (all shards)."""
+    from .bench_report import write_report
+    from .cli import _csv
+    from .data import NUM_CLASSES
+    datasets = _csv(args.dataset)
+    preset = {**PRESETS[args.preset], **_parse_overrides(args.set)}
+    unknown = set(preset) - set(PRESETS["paper"]) - {"tau", "momentum", "weight_decay", "shifts", "scorers"}
+    if unknown:
+        raise ValueError(f"--set: unknown preset keys {sorted(unknown)}")
+    classes = None if not args.classes else [-1 if c == "all" else int(c) for c in _csv(args.classes)]
+    i, _, n = args.shard.partition("/")
+    shard = (int(i), int(n or 1))
+    counts = {d: NUM_CLASSES.get(d, 0) if not Path(d).is_dir() else 1 for d in datasets}
+    specs = plan_grid(datasets, classes, _csv(args.losses), [int(s) for s in _csv(args.seeds)], counts, shard)
+    out = Path(args.out)
+    if not args.report_only:
+        run_grid(specs, preset, out, args.data_root, args.split, _csv(args.ood), args.device,
+                 progress=not args.quiet)
+    report = write_report(out, command="firm " + " ".join(sys.argv[1:]) if sys.argv else "")
+    print(f"report written to {report}")

@@ -6,6 +6,7 @@ or ``batch-size``); options given on the command line override the file.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -219,7 +220,8 @@ def cmd_train(args) -> None:
                 "train_images": args.train_images, "outlier_dir": args.outlier_dir}
         path = train_run(args.out, data, _model_config(args), cfg, {"scorer": args.scorer, "tta": args.tta},
                          progress=not args.quiet)
-    print(f"model written to {path}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model written to {path}")
 
 
 def cmd_evaluate(args) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "ImageSet", "DATASETS", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images",
+    "ImageSet", "DATASETS", "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images",
     "load_image_folder", "find_images", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
 ]
 
@@ -149,7 +149,7 @@ def _cifar_images(rows: np.ndarray) -> Tensor:
 def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
     folder = _find(root, "cifar-10-batches-py", ["data_batch_1", "test_batch"], "CIFAR-10")
     classes = _unpickle(folder / "batches.meta")["label_names"] if (folder / "batches.meta").exists() else \
-        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        CLASS_NAMES["cifar10"]
     batches = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6) if (folder / f"data_batch_{i}").exists()]
     test = _unpickle(folder / "test_batch")
     train_set = ImageSet(_cifar_images(np.concatenate([b["data"] for b in batches])),
@@ -162,7 +162,7 @@ def load_cifar100(root: Path) -> tuple[ImageSet, ImageSet]:
     """CIFAR-100 with its 20 superclasses ("coarse labels") as the classes (the paper's CIFAR-100-20)."""
     folder = _find(root, "cifar-100-python", ["train", "test"], "CIFAR-100")
     meta = _unpickle(folder / "meta") if (folder / "meta").exists() else {}
-    classes = meta.get("coarse_label_names", [f"superclass_{i}" for i in range(20)])
+    classes = meta.get("coarse_label_names", CLASS_NAMES["cifar100"])
     sets = []
     for split in ("train", "test"):
         d = _unpickle(folder / split)
@@ -206,12 +206,11 @@ def _load_idx_dataset(root: Path, folder_name: str, dataset: str, classes: list[
 
 
 def load_fashionmnist(root: Path) -> tuple[ImageSet, ImageSet]:
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    return _load_idx_dataset(root, "FashionMNIST", "Fashion-MNIST", classes)
+    return _load_idx_dataset(root, "FashionMNIST", "Fashion-MNIST", CLASS_NAMES["fashionmnist"])
 
 
 def load_mnist(root: Path) -> tuple[ImageSet, ImageSet]:
-    return _load_idx_dataset(root, "MNIST", "MNIST", [str(i) for i in range(10)])
+    return _load_idx_dataset(root, "MNIST", "MNIST", CLASS_NAMES["mnist"])
 
 
 def load_digits(root: Path | None = None, seed: int = 0) -> tuple[ImageSet, ImageSet]:
@@ -229,10 +228,22 @@ def load_digits(root: Path | None = None, seed: int = 0) -> tuple[ImageSet, Imag
         cut = (2 * len(idx)) // 3
         train_idx.append(idx[:cut])
         test_idx.append(idx[cut:])
-    classes = [str(i) for i in range(10)]
-    full = ImageSet(images, labels, classes, "digits")
+    full = ImageSet(images, labels, CLASS_NAMES["digits"], "digits")
     return full.subset(torch.cat(train_idx)), full.subset(torch.cat(test_idx))
 
+
+CLASS_NAMES = {
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "cifar100": ["aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+                 "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+                 "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
+                 "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
+                 "vehicles_1", "vehicles_2"],
+    "fashionmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "mnist": [str(i) for i in range(10)],
+    "digits": [str(i) for i in range(10)],
+}
+NUM_CLASSES = {name: len(names) for name, names in CLASS_NAMES.items()}
 
 DATASETS = {
     "cifar10": load_cifar10,

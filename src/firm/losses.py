@@ -47,22 +47,12 @@ def masked_softmax_loss(
     """
     if anchors.dtype in (torch.float16, torch.bfloat16):
         anchors, keys = anchors.float(), keys.float()
-    n_anchors = anchors.shape[0]
-    logits = anchors @ keys.T / tau
+    n_groups, anchor_gid, key_gid = _group_indices(anchor_groups, key_groups)
+    group_sizes = torch.bincount(key_gid, minlength=n_groups)
+    positive_count = group_sizes.index_select(0, anchor_gid)
+    own = None
     if self_index is not None:
-        rows = torch.arange(n_anchors, device=anchors.device)
-        logits.index_put_((rows, self_index), logits.new_tensor(float("-inf")))
-    log_normaliser = torch.logsumexp(logits, dim=1)
-
-    groups, inverse = torch.unique(torch.cat([anchor_groups, key_groups]), return_inverse=True)
-    anchor_gid, key_gid = inverse[:n_anchors], inverse[n_anchors:]
-    group_sums = keys.new_zeros(len(groups), keys.shape[1]).index_add_(0, key_gid, keys)
-    group_sizes = torch.bincount(key_gid, minlength=len(groups))
-    positive_dot = (anchors * group_sums[anchor_gid]).sum(1)
-    positive_count = group_sizes[anchor_gid]
-    if self_index is not None:
-        own = key_gid[self_index] == anchor_gid
-        positive_dot = positive_dot - torch.where(own, (anchors * keys[self_index]).sum(1), 0.0)
+        own = key_gid.index_select(0, self_index) == anchor_gid
         positive_count = positive_count - own.long()
     if bool((positive_count == 0).any()):
         row = int(torch.nonzero(positive_count == 0)[0])
@@ -70,7 +60,61 @@ def masked_softmax_loss(
             f"row {row} of the contrastive loss has no positive: its sample has no second view "
             "with the same label. Pass z1 and z2 in the same sample order, one row per sample."
         )
+    log_normaliser = _MaskedLogSumExp.apply(anchors, keys, 1.0 / tau, self_index)
+    # index_add_/index_select rather than advanced indexing: their backward passes are a
+    # gather and a row-wise add, where ``t[index]``'s is a much slower accumulating index_put.
+    group_sums = keys.new_zeros(n_groups, keys.shape[1]).index_add_(0, key_gid, keys)
+    positive_dot = (anchors * group_sums.index_select(0, anchor_gid)).sum(1)
+    if own is not None:
+        positive_dot = positive_dot - torch.where(own, (anchors * keys.index_select(0, self_index)).sum(1), 0.0)
     return log_normaliser - positive_dot / positive_count.to(positive_dot.dtype) / tau
+
+
+def _group_indices(anchor_groups: Tensor, key_groups: Tensor) -> tuple[int, Tensor, Tensor]:
+    """``(number of groups, anchor group index, key group index)``, indices in ``range(number)``.
+
+    Small non-negative ids (every loss here produces them) index the group table directly;
+    anything else is ranked with ``torch.unique``, which costs a sort.
+    """
+    both = torch.cat([anchor_groups, key_groups])
+    low, high = (int(v) for v in torch.stack(torch.aminmax(both)).tolist())
+    if low >= 0 and high < 4 * len(both):
+        return high + 1, anchor_groups, key_groups
+    groups, inverse = torch.unique(both, return_inverse=True)
+    return len(groups), inverse[: len(anchor_groups)], inverse[len(anchor_groups):]
+
+
+class _MaskedLogSumExp(torch.autograd.Function):
+    """``logsumexp_k(scale * a_i . k_k)`` per anchor, column ``self_index[i]`` left out.
+
+    Fused by hand because the similarity matrix is the only large object of the loss: the
+    forward turns it in place into unnormalised softmax weights (no further copies), and the
+    backward never touches it element-wise; the per-row factor ``grad_i / sum_i`` is applied to
+    the small ``(rows, D)`` operands of the two gradient matmuls instead.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, keys: Tensor, scale: float, self_index: Tensor | None) -> Tensor:
+        weights = torch.mm(anchors * scale, keys.T)
+        if self_index is not None:
+            rows = torch.arange(anchors.shape[0], device=anchors.device)
+            weights[rows, self_index] = float("-inf")
+        top = weights.amax(1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no column at all
+        weights.sub_(top).exp_()
+        total = weights.sum(1)
+        ctx.scale = scale
+        ctx.save_for_backward(anchors, keys, weights, total)
+        return top.squeeze(1) + total.log()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        anchors, keys, weights, total = ctx.saved_tensors
+        row_factor = (grad * ctx.scale / total).unsqueeze(1)  # softmax_ik = weights_ik / total_i
+        grad_anchors = torch.mm(weights, keys).mul_(row_factor) if ctx.needs_input_grad[0] else None
+        grad_keys = torch.mm(weights.T, anchors * row_factor) if ctx.needs_input_grad[1] else None
+        return grad_anchors, grad_keys, None, None
 
 
 class _GatherWithGrad(torch.autograd.Function):

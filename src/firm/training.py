@@ -5,7 +5,7 @@ as uint8, a :class:`~firm.shifts.BatchPlan` says which image and which shift fil
 shifts and views are batched tensor operations. Under ``torchrun`` every rank takes its slice of
 each global batch and the loss gathers the embeddings of all ranks.
 
-Checkpoints (one safetensors file holding weights, optimizer, scheduler, RNG and epoch) are
+Checkpoints (one safetensors file holding weights, optimizer, scheduler and epoch) are
 written atomically every ``checkpoint_every`` epochs; :meth:`Trainer.train` with ``resume=True``
 continues from the last one and reproduces an uninterrupted run exactly. The saved model is the
 last epoch's: test labels never choose it.
@@ -134,8 +134,8 @@ class Trainer:
                  auxiliary: Tensor | None = None, run_dir: str | os.PathLike | None = None,
                  evaluate: Callable[[Encoder, int], dict] | None = None, progress: bool = True):
         self.config = config
+        self.device = init_distributed(config.device)
         self.rank, self.world = _rank_world()
-        self.device = init_distributed(config.device) if self.world > 1 else resolve_device(config.device)
         if config.batch_size % self.world:
             raise ValueError(f"batch size {config.batch_size} must be divisible by the number of processes ({self.world})")
         if images.ndim != 4 or images.dtype != torch.uint8:
@@ -282,12 +282,11 @@ class Trainer:
         if self.rank != 0 or self.run_dir is None:
             return
         tensors = {f"model.{k}": v for k, v in to_cpu_state(self.model).items()}
-        for i, p in enumerate(self.model.parameters()):
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"optim.{i}"] = buf
-        meta = {"epoch": self.epoch, "scheduler": self.scheduler.state_dict(), "train": self.config.to_dict(),
-                "model": self.model.config.to_dict()}
+        optim = self.optimizer.state_dict()
+        for index, state in optim["state"].items():
+            tensors.update({f"optim.{index}.{name}": v for name, v in state.items() if isinstance(v, Tensor)})
+        meta = {"epoch": self.epoch, "scheduler": self.scheduler.state_dict(), "param_groups": optim["param_groups"],
+                "train": self.config.to_dict(), "model": self.model.config.to_dict()}
         save_tensors(self.run_dir / CHECKPOINT, tensors, meta)
 
     def load_checkpoint(self) -> None:
@@ -302,9 +301,13 @@ class Trainer:
             self.model.load_state_dict(state)
         except RuntimeError as e:
             raise ModelFileError(f"checkpoint weights in {self.run_dir} do not match the model: {e}") from e
-        for i, p in enumerate(self.model.parameters()):
-            if f"optim.{i}" in tensors:
-                self.optimizer.state[p]["momentum_buffer"] = tensors[f"optim.{i}"].to(self.device)
+        # The optimizer's param groups carry the lr and momentum the scheduler last set.
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value.to(self.device)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.scheduler.load_state_dict(meta["scheduler"])
         self.epoch = int(meta["epoch"])
         if self.rank == 0:

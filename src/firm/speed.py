@@ -1,0 +1,241 @@
+"""``firm speed``: throughput of the training step, the loss and kNN scoring; writes speed.json.
+
+* encoder vs whole step: the encoder alone (forward + backward of ``z.sum()`` on ready-made
+  views) against the whole :meth:`Trainer.step`, both counted per training image (two views
+  each), measured interleaved so that background load hits both alike;
+* the grouped FIRM loss against the dense-mask formula of the authors' code (time and value);
+* exact top-k cosine kNN (:func:`~firm.scoring.knn_similarity`) against the bare matmul that
+  any exact method must do and against scikit-learn's brute-force search.
+
+Timings are wall-clock medians (or minima, for the one-shot kNN figures) of a few repeats.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .bench import PRESETS
+from .losses import OUTLIER_LABEL, FIRMLoss
+from .models import Encoder, ModelConfig
+from .scoring import knn_similarity
+from .serialization import write_json
+from .training import TrainConfig, Trainer, resolve_device
+
+__all__ = ["dense_firm_loss", "measure_knn", "measure_loss", "measure_step", "run_speed", "speed_command"]
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, with the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def dense_firm_loss(z1: Tensor, z2: Tensor, labels: Tensor, tau: float = 0.2) -> Tensor:
+    """The FIRM loss the way the authors' code computes it: an explicit 2N x 2N float mask."""
+    n = z1.shape[0]
+    z, y = torch.cat([z1, z2]), torch.cat([labels, labels])
+    idx = torch.arange(2 * n, device=z.device)
+    eye = idx[:, None] == idx[None, :]
+    inlier = y != OUTLIER_LABEL
+    mask = ((y[:, None] == y[None, :]) & inlier[:, None]).to(z.dtype)  # inliers of the same class
+    mask[idx, (idx + n) % (2 * n)] = 1.0  # every sample's other view
+    mask = mask.masked_fill(eye, 0.0)
+    logp = F.log_softmax((z @ z.T / tau).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
+    return (-(mask * logp).sum(1) / mask.sum(1)).mean()
+
+
+def _one_class_batch(n: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Two L2-normalised views of ``n`` samples, a quarter of them inliers of class 0."""
+    g = torch.Generator().manual_seed(seed)
+    z1, z2 = (F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1) for _ in range(2))
+    labels = torch.full((n,), OUTLIER_LABEL, dtype=torch.long)
+    labels[torch.randperm(n, generator=g)[: max(1, n // 4)]] = 0
+    return z1.to(device, dtype), z2.to(device, dtype), labels.to(device)
+
+
+def measure_loss(sizes: tuple[int, ...] = (256, 1024, 4096), dim: int = 128, tau: float = 0.2,
+                 device: torch.device | str = "cpu", repeats: int = 5) -> dict:
+    """Forward + backward time of :class:`FIRMLoss` and :func:`dense_firm_loss` per N, and the
+    largest relative difference of their values in float64 and float32."""
+    device = torch.device(device)
+    loss_fn, rows, diffs = FIRMLoss(tau), [], {torch.float64: 0.0, torch.float32: 0.0}
+    for n in sizes:
+        for dtype, worst in diffs.items():
+            z1, z2, labels = _one_class_batch(n, dim, dtype, device)
+            with torch.no_grad():
+                ours, dense = float(loss_fn(z1, z2, labels)), float(dense_firm_loss(z1, z2, labels, tau))
+            diffs[dtype] = max(worst, abs(ours - dense) / abs(dense))
+        z1, z2, labels = _one_class_batch(n, dim, torch.float32, device)
+        z1.requires_grad_(True)
+        z2.requires_grad_(True)
+        fns = {"firm": _backward_of(lambda a, b, y: loss_fn(a, b, y), z1, z2, labels),
+               "dense": _backward_of(lambda a, b, y: dense_firm_loss(a, b, y, tau), z1, z2, labels)}
+        times = _interleaved(fns, device, warmup=1, repeats=repeats if n <= 1024 else max(1, repeats // 2))
+        rows.append({"n": n, "firm_ms": 1e3 * times["firm"], "dense_ms": 1e3 * times["dense"],
+                     "speedup": times["dense"] / times["firm"]})
+    ref = min(rows, key=lambda r: abs(r["n"] - 1024))  # the issue's reference size, or the closest measured
+    return {"loss": rows, "loss_speedup_vs_dense": ref["speedup"], "loss_speedup_at_n": ref["n"],
+            "loss_max_rel_diff_float64": diffs[torch.float64], "loss_max_rel_diff_float32": diffs[torch.float32]}
+
+
+def _backward_of(loss: Callable[[Tensor, Tensor, Tensor], Tensor], z1: Tensor, z2: Tensor,
+                 labels: Tensor) -> Callable[[], None]:
+    return lambda: loss(z1, z2, labels).backward()
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, taking turns so that background load hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "ru_maxrss (whole process so far)"
+
+
+def measure_step(device: torch.device | str = "cpu", width: int = 16, batch_size: int = 256, amp: bool = False,
+                 head: str = "cpu", warmup: int = 3, repeats: int = 5, seed: int = 0) -> dict:
+    """Encoder-only forward + backward against the whole :meth:`Trainer.step`, images per second."""
+    device = resolve_device(str(device))
+    preset = PRESETS[head]
+    model = Encoder(ModelConfig(width=width, head_hidden=preset["head_hidden"], head_layers=preset["head_layers"]))
+    images = torch.randint(0, 256, (max(batch_size, 64), 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(seed))
+    # Enough scheduled steps that OneCycleLR never runs out during the measurement.
+    config = TrainConfig(loss="firm", epochs=warmup + repeats + 10, batch_size=batch_size, lr=0.02, seed=seed,
+                         device=str(device), amp=amp, channels_last=True, checkpoint_every=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(model, config, images, progress=False)
+    trainer.seed_epoch(0)
+    index, variant = trainer.plan.epoch(0, device)
+    views, _ = trainer.make_batch(index[0], variant[0])  # ready-made, channels_last views for the encoder alone
+    count = itertools.count()
+
+    def encoder_only() -> None:
+        # What the step does with the encoder, minus loss and optimizer: zero_grad, forward, backward.
+        trainer.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            z = trainer.net(views)
+        z.float().sum().backward()
+
+    def whole_step() -> None:
+        s = next(count) % len(index)
+        trainer.step(index[s], variant[s])
+
+    times = _interleaved({"encoder": encoder_only, "step": whole_step}, device, warmup, repeats)
+    peak, kind = _peak_memory_mb(device)
+    encoder, step = batch_size / times["encoder"], batch_size / times["step"]
+    return {"encoder_imgs_per_s": encoder, "step_imgs_per_s": step, "step_over_encoder": step / encoder,
+            "encoder_seconds": times["encoder"], "step_seconds": times["step"],
+            "peak_memory_mb": peak, "peak_memory_kind": kind, "model": model.config.to_dict(), "head": head}
+
+
+def measure_knn(bank_size: int = 50_000, queries: int = 10_000, dim: int = 512, k: int = 5,
+                sklearn_queries: int = 1_000, repeats: int = 3, seed: int = 0) -> dict:
+    """Exact top-k cosine kNN on the CPU (where scoring runs): ours, the bare matmul, sklearn."""
+    from sklearn.neighbors import NearestNeighbors
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(bank_size, dim, generator=g), dim=1)
+    query = F.normalize(torch.randn(queries, dim, generator=g), dim=1)
+    cpu = torch.device("cpu")
+    ours = min(_timed(lambda: knn_similarity(bank, query, k), cpu) for _ in range(max(1, repeats - 1)))
+    floor = min(_timed(lambda: query @ bank.T, cpu) for _ in range(repeats))
+    sub = query[: min(sklearn_queries, queries)]
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(bank.numpy())
+    found: list = []
+    sk = _timed(lambda: found.append(nn.kneighbors(sub.numpy())[0]), cpu) * queries / len(sub)
+    exact_diff = float((knn_similarity(bank, sub, k) - (1 - torch.from_numpy(found[0]))).abs().max())
+    return {"knn_seconds": ours, "matmul_floor_seconds": floor, "sklearn_knn_seconds": sk,
+            "knn_over_floor": ours / floor, "knn_speedup_vs_sklearn": sk / ours,
+            "knn_vs_sklearn_max_abs_diff": exact_diff,
+            "knn_setup": {"bank": bank_size, "queries": queries, "dim": dim, "k": k, "device": "cpu",
+                          "sklearn": f"NearestNeighbors(brute, cosine) timed on {len(sub)} queries, scaled "
+                                     f"linearly to {queries}"}}
+
+
+def _machine(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    if device.type == "cpu" and Path("/proc/cpuinfo").exists():
+        models = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")]
+        name = models[0] if models else name
+    try:
+        import faiss
+        faiss_threads = faiss.omp_get_max_threads()
+    except ImportError:  # pragma: no cover
+        faiss_threads = None
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "faiss_threads": faiss_threads, "cpu_count": os.cpu_count(),
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+TARGETS = {"loss_speedup_vs_dense >= 2": lambda r: r["loss_speedup_vs_dense"] >= 2,
+           "loss_max_rel_diff_float64 <= 1e-6": lambda r: r["loss_max_rel_diff_float64"] <= 1e-6,
+           "loss_max_rel_diff_float32 <= 1e-5": lambda r: r["loss_max_rel_diff_float32"] <= 1e-5,
+           "knn_over_floor <= 1.2": lambda r: r["knn_over_floor"] <= 1.2,
+           "knn_speedup_vs_sklearn >= 4": lambda r: r["knn_speedup_vs_sklearn"] >= 4}
+
+
+def run_speed(device: str = "cpu", width: int = 16, batch_size: int = 256, amp: bool = False, head: str = "cpu",
+              loss_sizes: tuple[int, ...] = (256, 1024, 4096), knn: dict | None = None, repeats: int = 5) -> dict:
+    """Every measurement as one flat dict (what speed.json holds)."""
+    dev = resolve_device(device)
+    result = {**_machine(dev), "width": width, "batch_size": batch_size, "amp": amp}
+    # The step runs first so that the process's peak RSS is the step's, not the kNN matmul's.
+    result.update(measure_step(dev, width, batch_size, amp, head, repeats=repeats))
+    result.update(measure_loss(loss_sizes, device=dev, repeats=repeats))
+    result.update(measure_knn(**(knn or {})))
+    result["targets_met"] = {name: bool(check(result)) for name, check in TARGETS.items()}
+    return result
+
+
+def _table(r: dict) -> str:
+    lines = [(f"{r['device_name']} ({r['device']}), torch {r['torch']}, {r['torch_threads']} threads, "
+              f"width {r['width']}, batch {r['batch_size']}, amp {'on' if r['amp'] else 'off'}"),
+             f"{'encoder fwd+bwd':28s}{r['encoder_imgs_per_s']:12.1f} img/s",
+             f"{'whole training step':28s}{r['step_imgs_per_s']:12.1f} img/s  ({r['step_over_encoder']:.2f} of encoder)",
+             f"{'peak memory (step)':28s}{r['peak_memory_mb']:12.1f} MiB"]
+    for row in r["loss"]:
+        lines.append(f"{'loss fwd+bwd N=' + str(row['n']):28s}{row['firm_ms']:12.2f} ms  dense {row['dense_ms']:.2f} ms"
+                     f"  x{row['speedup']:.2f}")
+    lines += [f"{'loss rel. diff f64 / f32':28s}{r['loss_max_rel_diff_float64']:12.1e} / {r['loss_max_rel_diff_float32']:.1e}",
+              (f"{'kNN (faiss, exact)':28s}{r['knn_seconds']:12.3f} s   ({r['knn_over_floor']:.2f} x matmul floor "
+               f"{r['matmul_floor_seconds']:.3f} s)"),
+              f"{'sklearn kNN (scaled)':28s}{r['sklearn_knn_seconds']:12.3f} s   (ours x{r['knn_speedup_vs_sklearn']:.1f})"]
+    lines += [f"{'target ' + name:50s}{'met' if ok else 'NOT met'}" for name, ok in r["targets_met"].items()]
+    return "\n".join(lines)
+
+
+def speed_command(args) -> None:
+    """``firm speed``: measure, write ``OUT/speed.json`` atomically and print a table."""
+    result = run_speed(args.device, args.width, args.batch_size, bool(args.amp), getattr(args, "head", "cpu"))
+    path = Path(args.out) / "speed.json"
+    write_json(path, result)
+    print(_table(result))
+    print(f"written to {path}")

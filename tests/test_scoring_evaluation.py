@@ -1,0 +1,113 @@
+"""Scorers on synthetic Gaussian features whose right ranking is known; metrics on hand-made curves."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from firm.evaluation import aulc, auroc, epochs_to_reach, speedup
+from firm.features import FeatureSet
+from firm.scoring import SCORERS, apply_scorers, build_scorer, fit_scorers, knn_similarity, score
+
+
+def gaussian_features(seed=0, d=32, n_bank=400, n_query=200):
+    g = torch.Generator().manual_seed(seed)
+    normal_dir = F.normalize(torch.randn(d, generator=g), dim=0)
+    other_dir = F.normalize(torch.randn(d, generator=g), dim=0)
+    bank = 3 * normal_dir + 0.3 * torch.randn(n_bank, d, generator=g)
+    normal = 3 * normal_dir + 0.3 * torch.randn(n_query, d, generator=g)
+    anomalous = 3 * other_dir + 0.3 * torch.randn(n_query, d, generator=g)
+    queries = torch.cat([normal, anomalous])
+    y = torch.cat([torch.zeros(n_query), torch.ones(n_query)]).long()
+    return bank, queries, y
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_every_scorer_ranks_a_far_cluster_as_anomalous(name):
+    bank, queries, y = gaussian_features()
+    s = build_scorer(name).fit(bank).score(queries)
+    assert s.shape == (len(queries),)
+    assert auroc(s, y) > 0.95
+
+
+def test_cos1_of_a_bank_point_is_minus_one_and_cos5_averages_top5():
+    bank, _, _ = gaussian_features(n_bank=50)
+    s1 = build_scorer("cos1").fit(bank).score(bank[:3])
+    assert torch.allclose(s1, -torch.ones(3), atol=1e-5)
+    nb = F.normalize(bank, dim=1)
+    q = F.normalize(torch.randn(4, bank.shape[1]), dim=1)
+    expected = -(q @ nb.T).topk(5, dim=1).values.mean(1)
+    assert torch.allclose(build_scorer("cos5").fit(bank).score(q), expected, atol=1e-5)
+
+
+def test_cos_norm_scales_by_the_query_norm():
+    bank, queries, _ = gaussian_features()
+    plain = build_scorer("cos1").fit(bank).score(queries)
+    normed = build_scorer("cos1_norm").fit(bank).score(queries)
+    assert torch.allclose(normed, plain * queries.norm(dim=1), atol=1e-4)
+
+
+def test_mahalanobis_weighs_low_variance_directions_more():
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    bank = torch.zeros(2000, d)
+    bank[:, 0] = 10.0
+    bank[:, 1] = 0.5 * torch.randn(2000, generator=g)    # wide direction
+    bank[:, 2] = 0.05 * torch.randn(2000, generator=g)   # narrow direction
+    bank[:, 3:] = 0.05 * torch.randn(2000, d - 3, generator=g)
+    along_wide = torch.zeros(1, d)
+    along_wide[0, 0], along_wide[0, 1] = 10.0, 1.0
+    along_narrow = torch.zeros(1, d)
+    along_narrow[0, 0], along_narrow[0, 2] = 10.0, 1.0
+    m = build_scorer("mahalanobis").fit(bank)
+    assert m.score(along_narrow) > m.score(along_wide)
+
+
+def test_kde_prefers_dense_regions():
+    bank, _, _ = gaussian_features()
+    kde = build_scorer("kde").fit(bank)
+    center = bank.mean(0, keepdim=True)
+    outlier = -center
+    assert kde.score(center) < kde.score(outlier)
+
+
+def test_knn_similarity_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    bank = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    q = F.normalize(torch.randn(40, 16, generator=g), dim=1)
+    assert torch.allclose(knn_similarity(bank, q, 5), (q @ bank.T).topk(5, dim=1).values, atol=1e-5)
+
+
+def test_ensemble_averages_over_rotations_and_crops():
+    bank, queries, y = gaussian_features()
+    b = FeatureSet(torch.stack([bank, bank * 2]).unsqueeze(1))              # 2 rotations, 1 "crop"
+    q = FeatureSet(torch.stack([torch.stack([queries, queries])] * 2))      # 2 rotations, 2 crops
+    single = score("cos1", FeatureSet(bank.view(1, 1, *bank.shape)), FeatureSet(queries.view(1, 1, *queries.shape)))
+    assert torch.allclose(score("cos1", b, q), single, atol=1e-5)
+    with pytest.raises(ValueError, match="rotations"):
+        apply_scorers(fit_scorers("cos1", b), FeatureSet(queries.view(1, 1, *queries.shape)))
+
+
+def test_auroc_errors_are_clear():
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        auroc(np.zeros(4), np.zeros(4))
+    with pytest.raises(ValueError, match="NaN"):
+        auroc(np.array([0.1, np.nan]), np.array([0, 1]))
+
+
+def test_aulc_on_hand_made_curves():
+    assert aulc([0, 1, 2], [1.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert aulc([0, 5, 10], [0.0, 0.5, 1.0]) == pytest.approx(0.5)      # a straight line
+    assert aulc([0, 1, 2], [0.0, 1.0, 0.0]) == pytest.approx(2 / 3)     # Simpson on a parabola: exact
+    assert aulc([0, 10], [0.5, 0.7]) == pytest.approx(0.6)              # two points: trapezoid
+    with pytest.raises(ValueError):
+        aulc([0, 0, 1], [0.1, 0.2, 0.3])
+
+
+def test_epochs_to_reach_interpolates_and_speedup():
+    assert epochs_to_reach([0, 2, 4], [0.5, 0.7, 0.9], 0.8) == pytest.approx(3.0)
+    assert epochs_to_reach([0, 2, 4], [0.5, 0.7, 0.9], 0.5) == 0.0
+    assert math.isinf(epochs_to_reach([0, 2], [0.5, 0.6], 0.9))
+    assert speedup(12.0, 1.0) == 12.0
+    assert math.isnan(speedup(3.0, math.inf))

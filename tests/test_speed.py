@@ -1,0 +1,98 @@
+"""firm speed at toy sizes: every figure is present, positive and finite; no timing is asserted."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from firm.losses import FIRMLoss
+from firm.speed import (
+    TARGETS,
+    dense_firm_loss,
+    measure_knn,
+    measure_loss,
+    measure_step,
+    run_speed,
+    speed_command,
+)
+
+TINY_KNN = {"bank_size": 2000, "queries": 300, "dim": 64, "k": 5, "sklearn_queries": 50, "repeats": 2}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a busy machine two threads waiting on each other make tiny runs
+    many times slower, and no figure here is a timing under test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive_finite(d: dict, keys) -> None:
+    for key in keys:
+        assert key in d, key
+        assert isinstance(d[key], (int, float)) and math.isfinite(d[key]) and d[key] > 0, (key, d[key])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_reference_matches_grouped_loss_with_gradients(seed):
+    g = torch.Generator().manual_seed(seed)
+    z1, z2 = (torch.nn.functional.normalize(torch.randn(64, 16, generator=g, dtype=torch.float64), dim=1)
+              for _ in range(2))
+    labels = torch.randint(-1, 3, (64,), generator=g)  # several ID classes and outliers
+    grads = []
+    for fn in (lambda a, b: FIRMLoss(0.3)(a, b, labels), lambda a, b: dense_firm_loss(a, b, labels, 0.3)):
+        a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+        value = fn(a, b)
+        value.backward()
+        grads.append((float(value.detach()), a.grad, b.grad))
+    (v1, a1, b1), (v2, a2, b2) = grads
+    assert abs(v1 - v2) <= 1e-12 * abs(v2)
+    assert torch.allclose(a1, a2, atol=1e-12) and torch.allclose(b1, b2, atol=1e-12)
+
+
+def test_measure_loss_small():
+    r = measure_loss(sizes=(32, 64), dim=16, repeats=1)
+    assert [row["n"] for row in r["loss"]] == [32, 64]
+    assert r["loss_speedup_at_n"] == 64
+    for row in r["loss"]:
+        _positive_finite(row, ["firm_ms", "dense_ms", "speedup"])
+    assert 0 <= r["loss_max_rel_diff_float64"] <= 1e-6
+    assert 0 <= r["loss_max_rel_diff_float32"] <= 1e-5
+
+
+def test_measure_knn_small_is_exact():
+    r = measure_knn(**TINY_KNN)
+    _positive_finite(r, ["knn_seconds", "matmul_floor_seconds", "sklearn_knn_seconds", "knn_over_floor",
+                         "knn_speedup_vs_sklearn"])
+    assert r["knn_vs_sklearn_max_abs_diff"] < 1e-5
+    assert "scaled" in r["knn_setup"]["sklearn"]
+
+
+def test_measure_step_small():
+    r = measure_step("cpu", width=8, batch_size=16, warmup=1, repeats=2)
+    _positive_finite(r, ["encoder_imgs_per_s", "step_imgs_per_s", "step_over_encoder", "peak_memory_mb"])
+    assert r["model"]["width"] == 8 and r["model"]["head_hidden"] == 512 and r["model"]["head_layers"] == 2
+
+
+def test_speed_command_writes_json_and_table(tmp_path, monkeypatch, capsys):
+    from firm import speed
+
+    def tiny_run(device, width, batch_size, amp, head):
+        return run_speed(device, width, batch_size, amp, head, loss_sizes=(64,), knn=TINY_KNN, repeats=1)
+
+    monkeypatch.setattr(speed, "run_speed", tiny_run)
+    args = argparse.Namespace(device="cpu", width=8, batch_size=16, amp=False, out=str(tmp_path / "s"), quiet=True)
+    speed_command(args)
+    data = json.loads((tmp_path / "s" / "speed.json").read_text())
+    _positive_finite(data, ["encoder_imgs_per_s", "step_imgs_per_s", "step_over_encoder", "loss_speedup_vs_dense",
+                            "knn_seconds", "matmul_floor_seconds", "sklearn_knn_seconds", "knn_over_floor",
+                            "knn_speedup_vs_sklearn", "peak_memory_mb", "torch_threads"])
+    for key in ("device_name", "torch", "width", "batch_size", "loss_max_rel_diff_float64", "loss_max_rel_diff_float32"):
+        assert key in data
+    assert data["width"] == 8 and data["batch_size"] == 16 and data["device"] == "cpu"
+    assert set(data["targets_met"]) == set(TARGETS)
+    out = capsys.readouterr().out
+    assert "img/s" in out and "speed.json" in out
