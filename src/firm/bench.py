@@ -103,7 +103,10 @@ class _DataCache:
         return self._sets[name]
 
 
-def _split(cache: _DataCache, spec: RunSpec, split: str, ood: list[str]) -> tuple[ImageSet, list[tuple[str, ImageSet, torch.Tensor]]]:
+EvalSet = tuple[str, ImageSet, torch.Tensor]  # (name, images, is_anomaly)
+
+
+def _split(cache: _DataCache, spec: RunSpec, split: str, ood: list[str]) -> tuple[ImageSet, list[EvalSet]]:
     """Training images and the evaluation sets ``(name, images, is_anomaly)`` of one run."""
     train, test = cache.get(spec.dataset)
     if spec.normal_class >= 0:

@@ -122,6 +122,58 @@ def _plot_curves(curves: dict, path: Path, per_class: bool) -> None:
     tmp.replace(path)
 
 
+def _dataset_section(dataset: str, eval_set: str, records: list[dict], final: dict[Key, float],
+                     curves: dict, losses: list[str]) -> list[str]:
+    """The paper-shaped tables of one dataset and evaluation set."""
+    mine = [r for r in records if r["dataset"] == dataset and r["eval_set"] == eval_set]
+    final = {k: v for k, v in final.items() if k[:2] == (dataset, eval_set)}
+    classes = sorted({k[2] for k in final})
+
+    def per_class(scores: dict[Key, float], c: int, loss: str) -> list[float]:
+        return [v for k, v in scores.items() if k[2:4] == (c, loss)]
+
+    rows = [[_class_name(dataset, c)] + [_mean_std(per_class(final, c, loss)) for loss in losses] for c in classes]
+    means = {loss: [statistics.mean(per_class(final, c, loss)) for c in classes if per_class(final, c, loss)]
+             for loss in losses}
+    rows.append(["**mean**"] + [f"**{statistics.mean(means[loss]):.4f}**" if means[loss] else "-" for loss in losses])
+    md = [f"## {dataset}, {eval_set} set: final AUROC (cos1, no ensemble)", "", _table(["normal class"] + losses, rows), ""]
+    if "firm" in losses:
+        gains = []
+        for base in [x for x in losses if x != "firm"]:
+            diffs = [statistics.mean(per_class(final, c, "firm")) - statistics.mean(per_class(final, c, base))
+                     for c in classes if per_class(final, c, "firm") and per_class(final, c, base)]
+            if diffs:
+                gains.append([base, f"{100 * statistics.mean(diffs):+.2f}", f"{100 * max(diffs):+.2f}",
+                              f"{100 * min(diffs):+.2f}", f"{sum(d > 0 for d in diffs)}/{len(diffs)}"])
+        md += ["Gain of FIRM over each baseline, in AUROC points:", "",
+               _table(["baseline", "mean gain", "largest (one class)", "smallest", "classes FIRM wins"], gains), ""]
+    srows = []
+    for scorer, tta in sorted({(r["scorer"], r["tta"]) for r in mine if r["final"]}):
+        scores = final_aurocs(mine, scorer, tta)
+        class_means = {loss: [statistics.mean(per_class(scores, c, loss)) for c in classes if per_class(scores, c, loss)]
+                       for loss in losses}
+        srows.append([scorer, tta] + [_mean_std(class_means[loss]) for loss in losses])
+    md += ["### Scorer robustness (mean over classes, ± std across classes)", "",
+           _table(["scorer", "ensemble"] + losses, srows), ""]
+    mine_curves = {k: v for k, v in curves.items() if k[:2] == (dataset, eval_set)}
+    if mine_curves:
+        conv = convergence(mine_curves, final)
+        crow = []
+        for loss in losses:
+            c = conv.get(loss, {"aulc": [], "epochs": {}})
+            reached = [e for e in c["epochs"].values() if math.isfinite(e)]
+            factor, n = _speedup(conv, "firm", loss) if loss != "firm" else (math.nan, 0)
+            crow.append([loss, _mean_std(c["aulc"]), f"{statistics.mean(reached):.2f}" if reached else "never",
+                         f"{len(reached)}/{len(c['epochs'])}", f"{factor:.2f}x ({n} runs)" if n else "-"])
+        md += ["### Convergence", "",
+               "AULC: area under the cos1 AUROC-vs-epoch curve, x scaled to [0, 1], Simpson's rule (epoch 0 = the "
+               "untrained encoder). Target: each run's NT-Xent final AUROC on the same class and seed. Speed-up of "
+               "FIRM: mean epochs the baseline needs to reach the target / mean epochs FIRM needs (runs where both "
+               "reach it).", "",
+               _table(["loss", "AULC", "mean epochs to target", "runs reaching it", "FIRM speed-up vs this loss"], crow), ""]
+    return md
+
+
 def write_report(out_dir: str | Path, command: str = "") -> Path:
     """Write ``results.json``, ``report.md``, ``curves.png`` and ``curves_per_class.png``."""
     from .bench import load_records
@@ -144,49 +196,7 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
            f"({wall / max(len(runs), 1) / 60:.1f} min per run).", "",
            f"Preset: `{json.dumps(runs[0]['preset'])}`", "", f"> {PAPER_CLAIMS}", ""]
     for dataset, eval_set in sorted({k[:2] for k in final}):
-        classes = sorted({k[2] for k in final if k[:2] == (dataset, eval_set)})
-        cell = lambda c, loss: [v for k, v in final.items() if k[:4] == (dataset, eval_set, c, loss)]  # noqa: E731
-        rows = [[_class_name(dataset, c)] + [_mean_std(cell(c, loss)) for loss in losses] for c in classes]
-        means = {loss: [statistics.mean(cell(c, loss)) for c in classes if cell(c, loss)] for loss in losses}
-        rows.append(["**mean**"] + [f"**{statistics.mean(means[loss]):.4f}**" if means[loss] else "-" for loss in losses])
-        md += [f"## {dataset}, {eval_set} set: final AUROC (cos1, no ensemble)", "", _table(["normal class"] + losses, rows), ""]
-        if "firm" in losses:
-            gains = []
-            for base in [x for x in losses if x != "firm"]:
-                diffs = [statistics.mean(cell(c, "firm")) - statistics.mean(cell(c, base)) for c in classes
-                         if cell(c, "firm") and cell(c, base)]
-                if diffs:
-                    best = max(range(len(diffs)), key=lambda i: diffs[i])
-                    gains.append([base, f"{100 * statistics.mean(diffs):+.2f}", f"{100 * diffs[best]:+.2f}",
-                                  f"{100 * min(diffs):+.2f}", f"{sum(d > 0 for d in diffs)}/{len(diffs)}"])
-            md += ["Gain of FIRM over each baseline, in AUROC points:", "",
-                   _table(["baseline", "mean gain", "largest (one class)", "smallest", "classes FIRM wins"], gains), ""]
-        scorer_keys = sorted({(r["scorer"], r["tta"]) for r in records if r["final"] and r["dataset"] == dataset
-                              and r["eval_set"] == eval_set})
-        srows = []
-        for scorer, tta in scorer_keys:
-            f = final_aurocs([r for r in records if r["dataset"] == dataset and r["eval_set"] == eval_set], scorer, tta)
-            srows.append([scorer, tta] + [_mean_std([statistics.mean([v for k, v in f.items() if k[3] == loss and k[2] == c])
-                                                     for c in classes if any(k[3] == loss and k[2] == c for k in f)])
-                                          if any(k[3] == loss for k in f) else "-" for loss in losses])
-        md += ["### Scorer robustness (mean over classes, ± std across classes)", "",
-               _table(["scorer", "ensemble"] + losses, srows), ""]
-        ds_curves = {k: v for k, v in curves.items() if k[:2] == (dataset, eval_set)}
-        if ds_curves:
-            conv = convergence(ds_curves, {k: v for k, v in final.items() if k[:2] == (dataset, eval_set)})
-            crow = []
-            for loss in losses:
-                c = conv.get(loss, {"aulc": [], "epochs": {}})
-                reached = [e for e in c["epochs"].values() if math.isfinite(e)]
-                factor, n = _speedup(conv, "firm", loss) if loss != "firm" else (math.nan, 0)
-                crow.append([loss, _mean_std(c["aulc"]), f"{statistics.mean(reached):.2f}" if reached else "never",
-                             f"{len(reached)}/{len(c['epochs'])}", f"{factor:.2f}x ({n} runs)" if n else "-"])
-            md += ["### Convergence", "",
-                   "AULC: area under the cos1 AUROC-vs-epoch curve, x scaled to [0, 1], Simpson's rule (epoch 0 = the "
-                   "untrained encoder). Target: each run's NT-Xent final AUROC on the same class and seed. Speed-up of "
-                   "FIRM: mean epochs the baseline needs to reach the target / mean epochs FIRM needs (runs where both "
-                   "reach it).", "",
-                   _table(["loss", "AULC", "mean epochs to target", "runs reaching it", "FIRM speed-up vs this loss"], crow), ""]
+        md += _dataset_section(dataset, eval_set, records, final, curves, losses)
     _plot_curves(curves, out / "curves.png", per_class=False)
     _plot_curves(curves, out / "curves_per_class.png", per_class=True)
     md += ["Learning curves: `curves.png` (mean over classes) and `curves_per_class.png`.", ""]

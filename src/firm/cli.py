@@ -182,7 +182,8 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
         parser.error(f"--config {path} is not valid YAML: {e}")
     if not isinstance(values, dict):
         parser.error(f"--config {path} must be a mapping of option names to values")
-    subparser = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subparser = subparsers.choices[args.command]
     dests = {a.dest for a in subparser._actions}
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - dests - {"config"})
@@ -195,7 +196,8 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
 def _require(args, *names: str) -> None:
     missing = [n for n in names if not getattr(args, n, None)]
     if missing:
-        raise SystemExit(f"firm {args.command}: missing --{missing[0].replace('_', '-')} (give it on the command line or in --config)")
+        flag = "--" + missing[0].replace("_", "-")
+        raise SystemExit(f"firm {args.command}: missing {flag} (give it on the command line or in --config)")
 
 
 def _model_config(args):

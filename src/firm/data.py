@@ -78,7 +78,8 @@ def as_images(array, size: int = 32, channels: int = 3, name: str = "images") ->
     if x.ndim == 3:
         x = x.unsqueeze(1)
     if x.ndim != 4:
-        raise ValueError(f"{name}: expected a batch of images (N, H, W), (N, H, W, C) or (N, C, H, W); got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected a batch of images (N, H, W), (N, H, W, C) or (N, C, H, W); "
+                         f"got shape {tuple(x.shape)}")
     if x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
         x = x.permute(0, 3, 1, 2)
     if x.shape[1] not in (1, 3, 4):

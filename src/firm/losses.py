@@ -208,7 +208,8 @@ def _check_views(z1: Tensor, z2: Tensor, labels: Tensor | None) -> int:
             f"same N samples, in the same order); got {tuple(z1.shape)} and {tuple(z2.shape)}"
         )
     if labels is not None and (labels.ndim != 1 or labels.shape[0] != z1.shape[0]):
-        raise ValueError(f"labels must be a 1-D tensor with one label per sample ({z1.shape[0]}); got shape {tuple(labels.shape)}")
+        raise ValueError(f"labels must be a 1-D tensor with one label per sample ({z1.shape[0]}); "
+                         f"got shape {tuple(labels.shape)}")
     if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
         raise ValueError(f"labels must be integers (class ids, or the outlier label); got dtype {labels.dtype}")
     return z1.shape[0]

@@ -159,7 +159,8 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
     config = read_json(directory / CONFIG_FILE, "model config")
     if not isinstance(config, dict):
         raise ModelFileError(f"model config {directory / CONFIG_FILE} is not a JSON object")
-    check_format({k: str(v) for k, v in config.items() if k in ("format", "format_version")}, directory / CONFIG_FILE, "model config")
+    marker = {k: str(v) for k, v in config.items() if k in ("format", "format_version")}
+    check_format(marker, directory / CONFIG_FILE, "model config")
     try:
         model = Encoder(ModelConfig.from_dict(config["model"]))
     except (KeyError, TypeError, ValueError) as e:

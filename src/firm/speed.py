@@ -7,7 +7,7 @@
 * exact top-k cosine kNN (:func:`~firm.scoring.knn_similarity`) against the bare matmul that
   any exact method must do and against scikit-learn's brute-force search.
 
-Timings are wall-clock medians (or minima, for the one-shot kNN figures) of a few repeats.
+Timings are wall-clock medians of a few interleaved repeats (minima for the long kNN runs).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def measure_loss(sizes: tuple[int, ...] = (256, 1024, 4096), dim: int = 128, tau
         z1, z2, labels = _one_class_batch(n, dim, torch.float32, device)
         z1.requires_grad_(True)
         z2.requires_grad_(True)
-        fns = {"firm": _backward_of(lambda a, b, y: loss_fn(a, b, y), z1, z2, labels),
+        fns = {"firm": _backward_of(loss_fn, z1, z2, labels),
                "dense": _backward_of(lambda a, b, y: dense_firm_loss(a, b, y, tau), z1, z2, labels)}
         times = _interleaved(fns, device, warmup=1, repeats=repeats if n <= 1024 else max(1, repeats // 2))
         rows.append({"n": n, "firm_ms": 1e3 * times["firm"], "dense_ms": 1e3 * times["dense"],
@@ -99,8 +99,10 @@ def _backward_of(loss: Callable[[Tensor, Tensor, Tensor], Tensor], z1: Tensor, z
     return lambda: loss(z1, z2, labels).backward()
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, taking turns so that background load hits all alike."""
+def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                 reduce: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Seconds of each function (median of the repeats by default), taking turns so that
+    background load hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -108,7 +110,7 @@ def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, war
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(_timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: reduce(t) for name, t in times.items()}
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -120,7 +122,8 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 def measure_step(device: torch.device | str = "cpu", width: int = 16, batch_size: int = 256, amp: bool = False,
                  head: str = "cpu", warmup: int = 3, repeats: int = 5, seed: int = 0) -> dict:
-    """Encoder-only forward + backward against the whole :meth:`Trainer.step`, images per second."""
+    """Encoder-only forward + backward against the whole :meth:`Trainer.step`, in training images
+    per second; ``step_over_encoder`` is their ratio (1 = the rest of the step costs nothing)."""
     device = resolve_device(str(device))
     preset = PRESETS[head]
     model = Encoder(ModelConfig(width=width, head_hidden=preset["head_hidden"], head_layers=preset["head_layers"]))
@@ -163,13 +166,13 @@ def measure_knn(bank_size: int = 50_000, queries: int = 10_000, dim: int = 512, 
     g = torch.Generator().manual_seed(seed)
     bank = F.normalize(torch.randn(bank_size, dim, generator=g), dim=1)
     query = F.normalize(torch.randn(queries, dim, generator=g), dim=1)
-    cpu = torch.device("cpu")
-    ours = min(_timed(lambda: knn_similarity(bank, query, k), cpu) for _ in range(max(1, repeats - 1)))
-    floor = min(_timed(lambda: query @ bank.T, cpu) for _ in range(repeats))
     sub = query[: min(sklearn_queries, queries)]
     nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(bank.numpy())
     found: list = []
-    sk = _timed(lambda: found.append(nn.kneighbors(sub.numpy())[0]), cpu) * queries / len(sub)
+    fns = {"ours": lambda: knn_similarity(bank, query, k), "floor": lambda: query @ bank.T,
+           "sklearn": lambda: found.append(nn.kneighbors(sub.numpy())[0])}
+    best = _interleaved(fns, torch.device("cpu"), warmup=0, repeats=repeats, reduce=min)
+    ours, floor, sk = best["ours"], best["floor"], best["sklearn"] * queries / len(sub)
     exact_diff = float((knn_similarity(bank, sub, k) - (1 - torch.from_numpy(found[0]))).abs().max())
     return {"knn_seconds": ours, "matmul_floor_seconds": floor, "sklearn_knn_seconds": sk,
             "knn_over_floor": ours / floor, "knn_speedup_vs_sklearn": sk / ours,

@@ -143,7 +143,9 @@ class Trainer:
         if len(images) == 0:
             raise ValueError("no training images: the normal class or folder is empty")
         self.images = images.to(self.device)
-        self.class_labels = (class_labels if class_labels is not None else torch.zeros(len(images), dtype=torch.long)).to(self.device)
+        if class_labels is None:
+            class_labels = torch.zeros(len(images), dtype=torch.long)
+        self.class_labels = class_labels.to(self.device)
         if len(self.class_labels) != len(images):
             raise ValueError(f"{len(self.class_labels)} class labels for {len(images)} images")
         if bool((self.class_labels < 0).any()):
@@ -167,7 +169,8 @@ class Trainer:
         if self.world > 1:
             if config.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if config.compile:
             self.net = torch.compile(self.net)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
