@@ -84,7 +84,7 @@ def test_speed_command_writes_json_and_table(tmp_path, monkeypatch, capsys):
         return run_speed(device, width, batch_size, amp, head, loss_sizes=(64,), knn=TINY_KNN, repeats=1)
 
     monkeypatch.setattr(speed, "run_speed", tiny_run)
-    args = argparse.Namespace(device="cpu", width=8, batch_size=16, amp=False, out=str(tmp_path / "s"), quiet=True)
+    args = argparse.Namespace(device="cpu", width=8, batch_size=16, amp=False, head="cpu", out=str(tmp_path / "s"), quiet=True)
     speed_command(args)
     data = json.loads((tmp_path / "s" / "speed.json").read_text())
     _positive_finite(data, ["encoder_imgs_per_s", "step_imgs_per_s", "step_over_encoder", "loss_speedup_vs_dense",

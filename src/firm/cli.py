@@ -38,6 +38,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 (20 superclasses), fashionmnist, mnist or digits")
+    p.add_argument("--data-root", help="folder holding the dataset files (or set FIRM_DATA_ROOT)")
+
+
 def _add_model(p: argparse.ArgumentParser, paper: bool) -> None:
     g = p.add_argument_group("encoder")
     g.add_argument("--width", type=int, default=64 if paper else 16, help="ResNet-18 base width (64 = the paper)")
@@ -76,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train an encoder on one class of a standard dataset; writes RUN_DIR/model.safetensors, "
                        "config.json, bank.safetensors, log.jsonl and checkpoints. Defaults are the paper's setting.")
     _add_common(p)
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 (20 superclasses), fashionmnist, mnist or digits")
-    p.add_argument("--data-root", help="folder holding the dataset files (or set FIRM_DATA_ROOT)")
+    _add_data(p)
     p.add_argument("--normal-class", default="0", help="class index used as normal, or 'all' (multi-class ID)")
     p.add_argument("--train-images", type=int, help="train on a seeded subset of this many normal images")
     p.add_argument("--out", help="run folder to create")
@@ -110,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train every class x loss x seed with the identical budget, record learning curves and "
                        "all scorers, and write results.json, report.md and curves.png. Rerunning skips finished runs.")
     _add_common(p)
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, fashionmnist, mnist or digits")
-    p.add_argument("--data-root", help="folder holding the dataset files (or set FIRM_DATA_ROOT)")
+    _add_data(p)
     p.add_argument("--classes", help="comma list of normal classes (default: all); 'all' alone = multi-class ID")
     p.add_argument("--losses", default="firm,ntxent,supcon,rotsupcon", help="comma list of losses")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=16, help="encoder width")
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
     p.add_argument("--amp", type=_bool, default=False, metavar="on|off", help="bf16 autocast")
+    p.add_argument("--head", default="cpu", choices=["cpu", "paper"], help="projection head: the cpu preset's or the paper's")
     p.add_argument("--out", default="runs/speed", help="folder for speed.json")
 
     p = sub.add_parser("fit", help="train a detector on a folder of normal images",

@@ -1,17 +1,19 @@
 """Encoder: a CIFAR-style ResNet-18 backbone and the projection head used only for training."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .serialization import DictConfig
+
 __all__ = ["ModelConfig", "ResNet18", "ProjectionHead", "Encoder"]
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Architecture of an :class:`Encoder`; the defaults are the paper's."""
 
     width: int = 64
@@ -27,17 +29,6 @@ class ModelConfig:
                 raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         if self.head_layers < 0 or (self.head_layers and self.head_hidden < 1):
             raise ValueError(f"model config: bad head ({self.head_layers} layers of width {self.head_hidden})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"model config has unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 
 class BasicBlock(nn.Module):

@@ -271,7 +271,8 @@ body {{ font-family: system-ui, sans-serif; max-width: 1150px; margin: 1.5em aut
 h1 {{ font-size: 1.6em; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: .3em .8em; text-align: left; }}
 th {{ background: #f3f3f3; }} figure {{ margin: 1em 0; }} img {{ max-width: 100%; height: auto; }}
-figcaption, .meta {{ color: #666; font-size: .9em; }} .note {{ background: #fff6d6; border-left: 4px solid #e0b000; padding: .5em .8em; }}
+figcaption, .meta {{ color: #666; font-size: .9em; }}
+.note {{ background: #fff6d6; border-left: 4px solid #e0b000; padding: .5em .8em; }}
 </style></head><body>
 {body}
 </body></html>

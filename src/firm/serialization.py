@@ -10,12 +10,13 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "ModelFileError", "atomic_write", "write_json", "read_json", "save_tensors",
+__all__ = ["FORMAT_VERSION", "ModelFileError", "DictConfig", "atomic_write", "write_json", "read_json", "save_tensors",
            "load_tensors", "sha256_of", "check_format"]
 
 FORMAT_VERSION = 1
@@ -117,6 +118,21 @@ def check_format(meta: dict, path: str | os.PathLike, what: str) -> None:
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{what} {path} uses format version {version}, newer than this firm reads "
                              f"({FORMAT_VERSION}); upgrade the firm package to load it")
+
+
+class DictConfig:
+    """Mixin for config dataclasses: ``to_dict`` and a ``from_dict`` that names unknown keys."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
 
 
 def to_cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:

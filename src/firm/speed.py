@@ -237,7 +237,7 @@ def _table(r: dict) -> str:
 
 def speed_command(args) -> None:
     """``firm speed``: measure, write ``OUT/speed.json`` atomically and print a table."""
-    result = run_speed(args.device, args.width, args.batch_size, bool(args.amp), getattr(args, "head", "cpu"))
+    result = run_speed(args.device, args.width, args.batch_size, bool(args.amp), args.head)
     path = Path(args.out) / "speed.json"
     write_json(path, result)
     print(_table(result))

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .losses import LOSS_NAMES, batch_labels, build_loss
 from .models import Encoder
-from .serialization import ModelFileError, atomic_write, load_tensors, save_tensors, to_cpu_state
+from .serialization import DictConfig, ModelFileError, atomic_write, load_tensors, save_tensors, to_cpu_state
 from .shifts import BatchPlan, build_shifts
 from .views import ViewAugment, ViewConfig
 
@@ -42,7 +42,7 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """How to train; the defaults are the authors' reference setting (FIRM.md)."""
 
     loss: str = "firm"
@@ -76,17 +76,6 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"training config has unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
