@@ -147,3 +147,35 @@ def test_grey_images_get_views_too():
     x = images(4, c=1, size=32)
     out = ViewAugment()(x, torch.Generator().manual_seed(0))
     assert out.shape == (4, 1, 32, 32)
+
+
+def _trainer(images, **kwargs):
+    from firm.models import Encoder, ModelConfig
+    from firm.training import TrainConfig, Trainer
+    cfg = TrainConfig(batch_size=16, epochs=1, device="cpu", **kwargs.pop("config", {}))
+    return Trainer(Encoder(ModelConfig(width=4, head_hidden=16, head_layers=1)), cfg, images, progress=False, **kwargs)
+
+
+def test_outlier_exposure_fills_outlier_slots_with_auxiliary_images():
+    dark = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)
+    bright = torch.full((50, 3, 32, 32), 255, dtype=torch.uint8)
+    trainer = _trainer(dark, auxiliary=bright, config={"loss": "rotsupcon"})
+    index, variant = trainer.plan.epoch(0)
+    trainer.seed_epoch(0)
+    views, labels = trainer.make_batch(index[0], variant[0])
+    brightness = views[:16].mean((1, 2, 3))
+    inlier = variant[0] == 0
+    assert (brightness[inlier] < 0.2).all() and (brightness[~inlier] > 0.5).all()
+    assert set(labels.tolist()) <= {0, 1}  # with OE, Rot-SupCon sees one outlier label
+
+
+def test_training_with_patch_shifts_runs_and_labels_outliers():
+    images = torch.randint(0, 255, (24, 3, 32, 32), dtype=torch.uint8)
+    trainer = _trainer(images, config={"shifts": "cutpaste,permutation,cutpaste_scar"})
+    assert trainer.shifts.num_variants == 3
+    index, variant = trainer.plan.epoch(0)
+    trainer.seed_epoch(0)
+    views, labels = trainer.make_batch(index[0], variant[0])
+    assert views.shape == (32, 3, 32, 32)
+    assert ((labels == -1) == (variant[0] > 0)).all()
+    assert torch.isfinite(trainer.step(index[0], variant[0]))

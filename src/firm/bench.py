@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageSet, load_dataset, load_image_folder, one_class_split, validation_split
+from .data import ImageSet, load_dataset, load_image_folder, one_class_split, subsample, validation_split
 from .evaluation import evaluate_scorers
 from .models import Encoder, ModelConfig
 from .scoring import SCORERS
@@ -78,14 +78,6 @@ def plan_grid(datasets: list[str], classes: list[int] | None, losses: list[str],
     return runs[i::n]
 
 
-def _subsample(images: ImageSet, count: int | None, seed: int) -> ImageSet:
-    if count is None or count >= len(images):
-        return images
-    # Seeded by the data alone so that every loss trains on the same images.
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234 + seed))
-    return images.subset(order[:count])
-
-
 class _DataCache:
     """Datasets (and OOD sets) read once per process."""
 
@@ -131,7 +123,7 @@ def run_one(spec: RunSpec, preset: dict, cache: _DataCache, split: str = "test",
     """Train one run and return its result: meta data plus records of the learning curve and the
     final scores (``scorer``, ``tta``, ``epoch``, ``auroc`` and the run's identity)."""
     normal, eval_sets = _split(cache, spec, split, list(ood))
-    normal = _subsample(normal, preset.get("train_images"), spec.seed)
+    normal = subsample(normal, preset.get("train_images"), spec.seed)
     class_labels = normal.labels if spec.normal_class < 0 else torch.zeros(len(normal), dtype=torch.long)
     model_cfg, train_cfg = preset_configs(preset, spec.loss, spec.seed, device)
     torch.manual_seed(spec.seed)

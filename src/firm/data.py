@@ -21,7 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "ImageSet", "DATASETS", "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images",
-    "load_image_folder", "find_images", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
+    "load_image_folder", "find_images", "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
 ]
 
 DATA_ROOT_ENV = "FIRM_DATA_ROOT"
@@ -315,6 +315,17 @@ def load_image_folder(paths, size: int = 32, channels: int = 3, label: int = 0, 
     return ImageSet(tensor, torch.full((len(kept),), label, dtype=torch.long), [name or "images"], name, kept)
 
 
+def subsample(images: ImageSet, count: int | None, seed: int = 0) -> ImageSet:
+    """A seeded subset of ``count`` images (all of them when ``count`` is None or larger).
+
+    Seeded by the run's seed alone, so that every loss of a comparison trains on the same images.
+    """
+    if not count or count >= len(images):
+        return images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234 + seed))
+    return images.subset(order[:count])
+
+
 def one_class_split(train: ImageSet, test: ImageSet, normal_class: int) -> tuple[ImageSet, ImageSet, Tensor]:
     """The one-class protocol: train on class ``normal_class`` only; the whole test split is
     scored; returns ``(normal_train, test, is_anomaly)``."""
@@ -334,7 +345,7 @@ def validation_split(train: ImageSet, normal_class: int, holdout: float = 0.1, a
     normal images and add as many images of the other classes as anomalies (``anomalies`` to
     choose the number). Returns ``(normal_train, validation, is_anomaly)``; never touches the
     test split."""
-    normal_train, _, _ = one_class_split(train, train, normal_class)
+    one_class_split(train, train, normal_class)  # same checks and messages as the test protocol
     gen = torch.Generator().manual_seed(seed)
     normal_idx = torch.nonzero(train.labels == normal_class).squeeze(1)
     normal_idx = normal_idx[torch.randperm(len(normal_idx), generator=gen)]

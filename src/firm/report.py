@@ -86,9 +86,9 @@ def _scored_images(rows: list[dict], wanted: list[int], config: dict,
     data = config.get("data") or {}
     if not data.get("dataset"):
         return [], None, "scores.csv has neither image paths nor a dataset to take the images from"
-    from .runs import _normal_training_set
+    from .runs import run_data
     try:
-        _, test, _, _ = _normal_training_set(data)
+        _, test, _, _ = run_data(data)
     except (FileNotFoundError, ValueError) as e:
         return [], None, f"test images unavailable ({e}); set FIRM_DATA_ROOT to show them"
     return wanted, test.images[[int(rows[i]["index"]) for i in wanted]], ""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import ImageSet, load_dataset, load_image_folder, one_class_split
+from .data import ImageSet, load_dataset, load_image_folder, one_class_split, subsample
 from .detector import FIRMDetector
 from .evaluation import evaluate_scorers
 from .features import FeatureSet
@@ -23,24 +23,21 @@ from .scoring import SCORERS
 from .serialization import ModelFileError, atomic_write, load_model_dir, read_json, write_json
 from .training import TrainConfig, Trainer
 
-__all__ = ["RUN_FILE", "train_run", "evaluate_run", "write_results", "demo"]
+__all__ = ["RUN_FILE", "run_data", "train_run", "evaluate_run", "write_results", "demo"]
 
 RUN_FILE = "run.json"
 
 
-def _normal_training_set(data: dict) -> tuple[ImageSet, ImageSet, torch.Tensor, torch.Tensor]:
-    """``(normal_train, test, is_anomaly, class_labels)`` for a run's data settings."""
+def run_data(data: dict) -> tuple[ImageSet, ImageSet, torch.Tensor, torch.Tensor]:
+    """``(normal_train, test, is_anomaly, class_labels)`` of a run's data settings (``run.json``)."""
     train, test = load_dataset(data["dataset"], data.get("data_root"))
-    if data["normal_class"] == "all":
+    several = data["normal_class"] == "all"
+    if several:
         normal, is_anomaly = train, torch.zeros(len(test), dtype=torch.long)
-        class_labels = train.labels
     else:
         normal, test, is_anomaly = one_class_split(train, test, int(data["normal_class"]))
-        class_labels = torch.zeros(len(normal), dtype=torch.long)
-    count = data.get("train_images")
-    if count and count < len(normal):
-        keep = torch.randperm(len(normal), generator=torch.Generator().manual_seed(1234 + data.get("seed", 0)))[:count]
-        normal, class_labels = normal.subset(keep), class_labels[keep]
+    normal = subsample(normal, data.get("train_images"), data.get("seed", 0))
+    class_labels = normal.labels if several else torch.zeros(len(normal), dtype=torch.long)
     return normal, test, is_anomaly, class_labels
 
 
@@ -65,7 +62,7 @@ def train_run(out: str | Path, data: dict | None = None, model_config: ModelConf
         scoring = scoring or {"scorer": "cos1", "tta": "none"}
         data = {**data, "seed": train_config.seed}
         settings = {"data": data, "model": model_config.to_dict(), "train": train_config.to_dict(), "scoring": scoring}
-    normal, _, _, class_labels = _normal_training_set(data)
+    normal, _, _, class_labels = run_data(data)
     auxiliary = load_image_folder(data["outlier_dir"], model_config.image_size).images if data.get("outlier_dir") else None
     torch.manual_seed(train_config.seed)
     model = Encoder(model_config)
@@ -128,7 +125,7 @@ def evaluate_run(run_dir: str | Path | None = None, model_dir: str | Path | None
                                  "--normal-dir and --anomaly-dir")
         if data_root:
             data["data_root"] = data_root
-        _, test, is_anomaly, _ = _normal_training_set(data)
+        _, test, is_anomaly, _ = run_data(data)
         images = test.images
         rows = [{"index": i, "label": int(c), "is_anomaly": int(a)} for i, (c, a) in
                 enumerate(zip(test.labels.tolist(), is_anomaly.tolist()))]
