@@ -114,3 +114,21 @@ def test_same_data_order_for_every_loss():
         batches.append(trainer.make_batch(index[0], variant[0])[0])
     assert torch.equal(batches[0], batches[1])
     assert not math.isnan(float(batches[0].sum()))
+
+
+def test_multiclass_id_setting_scores_each_ood_set(tmp_path):
+    from PIL import Image
+    ood = tmp_path / "noise"
+    ood.mkdir()
+    rng = __import__("numpy").random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype="uint8")).save(ood / f"{i}.png")
+    specs = plan_grid(["digits"], [-1], ["firm"], [0], {"digits": 10})
+    assert specs[0].key == "digits-all-firm-s0"
+    results = run_grid(specs, {**TINY, "train_images": 60}, tmp_path / "bench", ood=[str(ood)], progress=False,
+                       log=lambda *_: None)
+    finals = [r for r in results[0]["records"] if r["final"]]
+    assert {r["eval_set"] for r in finals} == {"ood:noise"}
+    assert all(0 <= r["auroc"] <= 1 for r in finals)
+    with pytest.raises(ValueError, match="--ood"):
+        run_grid(plan_grid(["digits"], [-1], ["ntxent"], [0], {"digits": 10}), TINY, tmp_path / "b2", progress=False)

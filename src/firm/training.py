@@ -156,6 +156,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
         if self.world > 1:
+            if config.sync_bn and self.device.type != "cuda":
+                raise ValueError("SyncBatchNorm runs on GPUs only (a PyTorch limit); train without --sync-bn on CPU")
             if config.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
