@@ -10,6 +10,7 @@ from firm.losses import FIRMLoss
 from firm.speed import (
     TARGETS,
     dense_firm_loss,
+    lean_dense_firm_loss,
     measure_knn,
     measure_loss,
     measure_step,
@@ -17,7 +18,7 @@ from firm.speed import (
     speed_command,
 )
 
-TINY_KNN = {"bank_size": 2000, "queries": 300, "dim": 64, "k": 5, "sklearn_queries": 50, "repeats": 2}
+TINY_KNN = {"bank_size": 2000, "queries": 300, "dim": 64, "k": 5, "repeats": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -43,14 +44,16 @@ def test_dense_reference_matches_grouped_loss_with_gradients(seed):
               for _ in range(2))
     labels = torch.randint(-1, 3, (64,), generator=g)  # several ID classes and outliers
     grads = []
-    for fn in (lambda a, b: FIRMLoss(0.3)(a, b, labels), lambda a, b: dense_firm_loss(a, b, labels, 0.3)):
+    for fn in (lambda a, b: FIRMLoss(0.3)(a, b, labels), lambda a, b: dense_firm_loss(a, b, labels, 0.3),
+               lambda a, b: lean_dense_firm_loss(a, b, labels, 0.3)):
         a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
         value = fn(a, b)
         value.backward()
         grads.append((float(value.detach()), a.grad, b.grad))
-    (v1, a1, b1), (v2, a2, b2) = grads
-    assert abs(v1 - v2) <= 1e-12 * abs(v2)
-    assert torch.allclose(a1, a2, atol=1e-12) and torch.allclose(b1, b2, atol=1e-12)
+    v1, a1, b1 = grads[0]
+    for v2, a2, b2 in grads[1:]:
+        assert abs(v1 - v2) <= 1e-12 * abs(v2)
+        assert torch.allclose(a1, a2, atol=1e-12) and torch.allclose(b1, b2, atol=1e-12)
 
 
 def test_measure_loss_small():
@@ -58,7 +61,7 @@ def test_measure_loss_small():
     assert [row["n"] for row in r["loss"]] == [32, 64]
     assert r["loss_speedup_at_n"] == 64
     for row in r["loss"]:
-        _positive_finite(row, ["firm_ms", "dense_ms", "speedup"])
+        _positive_finite(row, ["firm_ms", "dense_ms", "lean_dense_ms", "speedup", "speedup_vs_lean"])
     assert 0 <= r["loss_max_rel_diff_float64"] <= 1e-6
     assert 0 <= r["loss_max_rel_diff_float32"] <= 1e-5
 
@@ -66,9 +69,8 @@ def test_measure_loss_small():
 def test_measure_knn_small_is_exact():
     r = measure_knn(**TINY_KNN)
     _positive_finite(r, ["knn_seconds", "matmul_floor_seconds", "sklearn_knn_seconds", "knn_over_floor",
-                         "knn_speedup_vs_sklearn"])
+                         "knn_speedup_vs_sklearn", "sklearn_euclidean_knn_seconds", "knn_speedup_vs_sklearn_euclidean"])
     assert r["knn_vs_sklearn_max_abs_diff"] < 1e-5
-    assert "scaled" in r["knn_setup"]["sklearn"]
 
 
 def test_measure_step_small():
