@@ -187,10 +187,10 @@ class ContrastiveLoss(nn.Module):
         local = slice(rank * n, (rank + 1) * n)
         if self.mode == "pairwise":
             rows = masked_softmax_loss(z1, k2, groups[local], groups, self.tau)
-            return rows.sum() * world / (n * world)  # mean over the N_global anchors, times world
+            return rows.sum() / n  # = world x (sum of this rank's rows) / N_global
         n_global = n * world
         anchors = torch.cat([z1, z2])
-        keys = torch.cat([k1, k2])
+        keys = anchors if world == 1 else torch.cat([k1, k2])
         key_groups = torch.cat([groups, groups])
         offsets = torch.arange(rank * n, (rank + 1) * n, device=z1.device)
         self_index = torch.cat([offsets, offsets + n_global])
