@@ -25,6 +25,18 @@ __all__ = [
 ]
 
 DATA_ROOT_ENV = "FIRM_DATA_ROOT"
+CLASS_NAMES = {
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "cifar100": ["aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+                 "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+                 "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
+                 "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
+                 "vehicles_1", "vehicles_2"],
+    "fashionmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "mnist": [str(i) for i in range(10)],
+    "digits": [str(i) for i in range(10)],
+}
+NUM_CLASSES = {name: len(names) for name, names in CLASS_NAMES.items()}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
@@ -232,19 +244,6 @@ def load_digits(root: Path | None = None, seed: int = 0) -> tuple[ImageSet, Imag
     full = ImageSet(images, labels, CLASS_NAMES["digits"], "digits")
     return full.subset(torch.cat(train_idx)), full.subset(torch.cat(test_idx))
 
-
-CLASS_NAMES = {
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-    "cifar100": ["aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
-                 "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
-                 "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
-                 "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
-                 "vehicles_1", "vehicles_2"],
-    "fashionmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-    "mnist": [str(i) for i in range(10)],
-    "digits": [str(i) for i in range(10)],
-}
-NUM_CLASSES = {name: len(names) for name, names in CLASS_NAMES.items()}
 
 DATASETS = {
     "cifar10": load_cifar10,
