@@ -63,11 +63,13 @@ TINY = ["--width", "4", "--head-hidden", "16", "--head-layers", "1", "--batch-si
 
 def test_train_then_evaluate_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "digits", "--normal-class", "4", "--epochs", "2", "--out", str(run), *TINY]) == 0
+    assert main(["train", "--dataset", "digits", "--normal-class", "4", "--epochs", "2", "--eval-every", "1",
+                 "--out", str(run), *TINY]) == 0
     for name in ("model.safetensors", "config.json", "log.jsonl", "bank.safetensors", "checkpoint.safetensors"):
         assert (run / name).exists(), name
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+    assert all(0 <= r["auroc_test"] <= 1 for r in log)
     assert main(["evaluate", str(run), "--scorers", "cos1,kde", "--tta", "none", "--quiet"]) == 0
     records = json.loads((run / "results.json").read_text())
     assert [(r["loss"], r["scorer"], r["tta"]) for r in records] == [("firm", "cos1", "none"), ("firm", "kde", "none")]

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the killed run in RUN_DIR with its saved settings")
     p.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints (and at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="log the test-split cos1 AUROC every N epochs "
+                   "(a learning curve for reports; never used to choose the model)")
     p.add_argument("--sync-bn", type=_bool, default=False, metavar="on|off", help="SyncBatchNorm under torchrun")
     p.add_argument("--scorer", default="cos1", help="scorer stored for firm score")
     p.add_argument("--tta", default="none", help="test-time ensemble stored for firm score: none, angled, ensemble")
@@ -220,7 +222,7 @@ def cmd_train(args) -> None:
         cfg = TrainConfig(loss=args.loss, tau=args.tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           id_share=args.id_share, shifts=_csv(args.shifts), seed=args.seed, device=args.device,
                           amp=args.amp, channels_last=args.channels_last, compile=args.compile, sync_bn=args.sync_bn,
-                          checkpoint_every=args.checkpoint_every)
+                          checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
         normal = args.normal_class if str(args.normal_class) == "all" else int(args.normal_class)
         data = {"dataset": args.dataset, "data_root": args.data_root, "normal_class": normal,
                 "train_images": args.train_images, "outlier_dir": args.outlier_dir}

@@ -62,11 +62,20 @@ def train_run(out: str | Path, data: dict | None = None, model_config: ModelConf
         scoring = scoring or {"scorer": "cos1", "tta": "none"}
         data = {**data, "seed": train_config.seed}
         settings = {"data": data, "model": model_config.to_dict(), "train": train_config.to_dict(), "scoring": scoring}
-    normal, _, _, class_labels = run_data(data)
+    normal, test, is_anomaly, class_labels = run_data(data)
     auxiliary = load_image_folder(data["outlier_dir"], model_config.image_size).images if data.get("outlier_dir") else None
     torch.manual_seed(train_config.seed)
     model = Encoder(model_config)
-    trainer = Trainer(model, train_config, normal.images, class_labels, auxiliary=auxiliary, run_dir=out, progress=progress)
+
+    def learning_curve(m: Encoder, epoch: int) -> dict:
+        """cos1 AUROC on the test split, for the log only: the saved model is the last epoch's."""
+        if not bool(is_anomaly.any()):
+            return {}
+        records, _ = evaluate_scorers(m, normal.images, test.images, is_anomaly, ["cos1"], "none")
+        return {"auroc_test": records[0]["auroc"]}
+
+    trainer = Trainer(model, train_config, normal.images, class_labels, auxiliary=auxiliary, run_dir=out,
+                      evaluate=learning_curve, progress=progress)
     if trainer.rank == 0 and not resume:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / RUN_FILE, settings)
