@@ -303,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .serialization import ModelFileError
+    from .training import TrainingError
     try:
         COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, ModelFileError) as e:
+    except (FileNotFoundError, ValueError, ModelFileError, TrainingError) as e:
         print(f"firm {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -105,7 +105,7 @@ class FIRMDetector(BaseEstimator):
         trainer.train()
         self.history_ = trainer.history
         self.train_paths_ = [paths[i] for i in train_idx.tolist()] if paths else []
-        self._fit_scoring(model.cpu() if trainer.device.type != "cpu" else model, images[train_idx])
+        self._fit_scoring(model, images[train_idx])  # features on the training device
         if n_hold:
             self.holdout_scores_ = self.decision_function(images[hold_idx])
             self.set_threshold_from(self.holdout_scores_)

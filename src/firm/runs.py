@@ -82,8 +82,7 @@ def train_run(out: str | Path, data: dict | None = None, model_config: ModelConf
     start = time.perf_counter()
     trainer.train(resume=resume)
     if trainer.rank == 0:
-        encoder = model.cpu() if trainer.device.type != "cpu" else model
-        det = FIRMDetector.from_encoder(encoder, normal.images, loss=train_config.loss, seed=train_config.seed,
+        det = FIRMDetector.from_encoder(model, normal.images, loss=train_config.loss, seed=train_config.seed,
                                         progress=progress, **scoring)
         det.history_ = trainer.history
         det.save(out, extra={"train": train_config.to_dict(), "data": data, "train_seconds": time.perf_counter() - start})

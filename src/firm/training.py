@@ -84,7 +84,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+        raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
     return device
 
 
