@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 from .data import CLASS_NAMES
 from .evaluation import aulc, epochs_to_reach
 from .serialization import atomic_write, write_json
+from .speed import machine_info
 
 __all__ = ["final_aurocs", "learning_curves", "convergence", "write_report", "PAPER_CLAIMS"]
 
@@ -191,8 +190,9 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     if command:
         md += [f"Command: `{command}`", ""]
     wall = sum(r["total_seconds"] for r in runs)
-    md += [f"Machine: {platform.machine()} ({platform.processor() or 'cpu'}), {torch.get_num_threads()} torch threads, "
-           f"torch {torch.__version__}. Runs: {len(runs)}, total wall time {wall / 3600:.2f} h "
+    machine = machine_info()
+    md += [f"Machine: {machine['device_name']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
+           f"torch {machine['torch']}. Runs: {len(runs)}, total wall time {wall / 3600:.2f} h "
            f"({wall / max(len(runs), 1) / 60:.1f} min per run).", "",
            f"Preset: `{json.dumps(runs[0]['preset'])}`", "", f"> {PAPER_CLAIMS}", ""]
     for dataset, eval_set in sorted({k[:2] for k in final}):

@@ -32,7 +32,8 @@ from .scoring import knn_similarity
 from .serialization import write_json
 from .training import TrainConfig, Trainer, resolve_device
 
-__all__ = ["dense_firm_loss", "lean_dense_firm_loss", "measure_knn", "measure_loss", "measure_step", "run_speed", "speed_command"]
+__all__ = ["dense_firm_loss", "lean_dense_firm_loss", "machine_info", "measure_knn", "measure_loss", "measure_step",
+           "run_speed", "speed_command"]
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -210,7 +211,8 @@ def measure_knn(bank_size: int = 50_000, queries: int = 10_000, dim: int = 512, 
                           "sklearn": "NearestNeighbors(algorithm='brute'), metric 'cosine' and 'euclidean', all queries"}}
 
 
-def _machine(device: torch.device) -> dict:
+def machine_info(device: torch.device = torch.device("cpu")) -> dict:
+    """What the figures were measured on: device name, versions, threads, load."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     if device.type == "cpu" and Path("/proc/cpuinfo").exists():
         models = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -237,7 +239,7 @@ def run_speed(device: str = "cpu", width: int = 16, batch_size: int = 256, amp: 
               loss_sizes: tuple[int, ...] = (256, 1024, 4096), knn: dict | None = None, repeats: int = 5) -> dict:
     """Every measurement as one flat dict (what speed.json holds)."""
     dev = resolve_device(device)
-    result = {**_machine(dev), "width": width, "batch_size": batch_size, "amp": amp}
+    result = {**machine_info(dev), "width": width, "batch_size": batch_size, "amp": amp}
     # The step runs first so that the process's peak RSS is the step's, not the kNN matmul's.
     result.update(measure_step(dev, width, batch_size, amp, head, repeats=repeats))
     result.update(measure_loss(loss_sizes, device=dev, repeats=repeats))
