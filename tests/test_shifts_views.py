@@ -71,6 +71,13 @@ def test_pool_plan_is_the_authors_composition():
     assert abs((variant == 0).float().mean().item() - 0.25) < 1e-9
 
 
+def test_pool_smaller_than_one_batch_fills_the_batch_with_every_pair():
+    plan = BatchPlan(num_images=5, batch_size=32, num_variants=3, seed=0)  # pool of 20 < batch of 32
+    index, variant = plan.epoch(0)
+    assert index.shape == variant.shape == (1, 32)
+    assert len(set(zip(index.flatten().tolist(), variant.flatten().tolist()))) == 20
+
+
 def test_id_share_plan_and_determinism():
     plan = BatchPlan(num_images=50, batch_size=16, num_variants=3, id_share=0.5, seed=3)
     index, variant = plan.epoch(2)

@@ -239,7 +239,9 @@ class BatchPlan:
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
         steps, b = self.steps_per_epoch(), self.batch_size
         if self.id_share is None:
-            pool = torch.randperm(self.num_images * (1 + self.num_variants), generator=gen)
+            size = self.num_images * (1 + self.num_variants)
+            # A pool smaller than one batch (few images, large batch) is drawn several times over.
+            pool = torch.cat([torch.randperm(size, generator=gen) for _ in range(math.ceil(steps * b / size))])
             pool = pool[: steps * b]
             index, variant = pool % self.num_images, pool // self.num_images
             if self.outlier_sources != self.num_images:
