@@ -220,5 +220,7 @@ def bench_command(args) -> None:
     if not args.report_only:
         run_grid(specs, preset, out, args.data_root, args.split, _csv(args.ood), args.device,
                  progress=not args.quiet)
-    report = write_report(out, command="firm " + " ".join(sys.argv[1:]) if sys.argv else "")
+    # The command that produces (or resumes) these runs: a --report-only rebuild names the bench itself.
+    command = "firm " + " ".join(a for a in sys.argv[1:] if a != "--report-only") if sys.argv else ""
+    report = write_report(out, command=command)
     print(f"report written to {report}")
