@@ -25,7 +25,7 @@ from .evaluation import evaluate_scorers
 from .models import Encoder, ModelConfig
 from .scoring import SCORERS
 from .serialization import write_json
-from .training import TrainConfig, Trainer
+from .training import TrainConfig, Trainer, machine_info
 
 __all__ = ["PRESETS", "RunSpec", "preset_configs", "plan_grid", "run_grid", "run_one", "load_records", "bench_command"]
 
@@ -151,7 +151,8 @@ def run_one(spec: RunSpec, preset: dict, cache: _DataCache, split: str = "test",
                                    preset.get("final_tta", ["none"]))
         records += [{**base, "eval_set": name, "epoch": train_cfg.epochs, "final": True, **r} for r in recs]
     return {"run": spec.key, **base, "train_images": len(normal), "train_seconds": train_seconds,
-            "total_seconds": time.perf_counter() - start, "preset": preset, "records": records}
+            "total_seconds": time.perf_counter() - start, "preset": preset, "machine": machine_info(trainer.device),
+            "records": records}
 
 
 def load_records(out_dir: str | Path) -> list[dict]:

@@ -11,11 +11,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-
 from .data import CLASS_NAMES
 from .evaluation import aulc, epochs_to_reach
 from .serialization import atomic_write, write_json
-from .speed import machine_info
 
 __all__ = ["final_aurocs", "learning_curves", "convergence", "write_report", "PAPER_CLAIMS"]
 
@@ -173,6 +171,13 @@ def _dataset_section(dataset: str, eval_set: str, records: list[dict], final: di
     return md
 
 
+def _machines(runs: list[dict]) -> str:
+    """Where the runs were trained, as each run recorded it (a shared grid can span machines)."""
+    seen = sorted({f"{m['device_name']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, torch {m['torch']}"
+                   if (m := r.get("machine")) else "not recorded" for r in runs})
+    return "; ".join(seen)
+
+
 def write_report(out_dir: str | Path, command: str = "") -> Path:
     """Write ``results.json``, ``report.md``, ``curves.png`` and ``curves_per_class.png``."""
     from .bench import load_records
@@ -190,9 +195,7 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     if command:
         md += [f"Command: `{command}`", ""]
     wall = sum(r["total_seconds"] for r in runs)
-    machine = machine_info()
-    md += [f"Machine: {machine['device_name']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
-           f"torch {machine['torch']}. Runs: {len(runs)}, total wall time {wall / 3600:.2f} h "
+    md += [f"Machine: {_machines(runs)}. Runs: {len(runs)}, total wall time {wall / 3600:.2f} h "
            f"({wall / max(len(runs), 1) / 60:.1f} min per run).", "",
            f"Preset: `{json.dumps(runs[0]['preset'])}`", "", f"> {PAPER_CLAIMS}", ""]
     for dataset, eval_set in sorted({k[:2] for k in final}):

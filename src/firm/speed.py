@@ -12,8 +12,6 @@ Timings are wall-clock medians of a few interleaved repeats (minima for the long
 from __future__ import annotations
 
 import itertools
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -30,10 +28,10 @@ from .losses import OUTLIER_LABEL, FIRMLoss
 from .models import Encoder, ModelConfig
 from .scoring import knn_similarity
 from .serialization import write_json
-from .training import TrainConfig, Trainer, resolve_device
+from .training import TrainConfig, Trainer, machine_info, resolve_device
 
-__all__ = ["dense_firm_loss", "lean_dense_firm_loss", "machine_info", "measure_knn", "measure_loss", "measure_step",
-           "run_speed", "speed_command"]
+__all__ = ["dense_firm_loss", "lean_dense_firm_loss", "measure_knn", "measure_loss", "measure_step", "run_speed",
+           "speed_command"]
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -209,23 +207,6 @@ def measure_knn(bank_size: int = 50_000, queries: int = 10_000, dim: int = 512, 
             "knn_vs_sklearn_max_abs_diff": exact_diff,
             "knn_setup": {"bank": bank_size, "queries": queries, "dim": dim, "k": k, "device": "cpu",
                           "sklearn": "NearestNeighbors(algorithm='brute'), metric 'cosine' and 'euclidean', all queries"}}
-
-
-def machine_info(device: torch.device = torch.device("cpu")) -> dict:
-    """What the figures were measured on: device name, versions, threads, load."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    if device.type == "cpu" and Path("/proc/cpuinfo").exists():
-        models = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")]
-        name = models[0] if models else name
-    try:
-        import faiss
-        faiss_threads = faiss.omp_get_max_threads()
-    except ImportError:  # pragma: no cover
-        faiss_threads = None
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(), "faiss_threads": faiss_threads, "cpu_count": os.cpu_count(),
-            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 TARGETS = {"loss_speedup_vs_dense >= 2": lambda r: r["loss_speedup_vs_dense"] >= 2,

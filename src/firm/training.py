@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .serialization import DictConfig, ModelFileError, atomic_write, load_tensor
 from .shifts import BatchPlan, build_shifts
 from .views import ViewAugment, ViewConfig
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve_device", "init_distributed", "CHECKPOINT", "LOG"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve_device", "machine_info", "init_distributed", "CHECKPOINT", "LOG"]
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
@@ -86,6 +87,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
     return device
+
+
+def machine_info(device: torch.device = torch.device("cpu")) -> dict:
+    """What the figures were measured on: device name, versions, threads, load."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    if device.type == "cpu" and Path("/proc/cpuinfo").exists():
+        models = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")]
+        name = models[0] if models else name
+    try:
+        import faiss
+        faiss_threads = faiss.omp_get_max_threads()
+    except ImportError:  # pragma: no cover
+        faiss_threads = None
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "faiss_threads": faiss_threads, "cpu_count": os.cpu_count(),
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def init_distributed(device: str = "auto") -> torch.device:
