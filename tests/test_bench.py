@@ -132,3 +132,17 @@ def test_multiclass_id_setting_scores_each_ood_set(tmp_path):
     assert all(0 <= r["auroc"] <= 1 for r in finals)
     with pytest.raises(ValueError, match="--ood"):
         run_grid(plan_grid(["digits"], [-1], ["ntxent"], [0], {"digits": 10}), TINY, tmp_path / "b2", progress=False)
+
+
+def test_report_flags_an_incomplete_grid(hand_made, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    # NT-Xent finished both classes, FIRM only class 0: FIRM's mean covers 1 of 2 classes.
+    for name, recs in {"ntxent": [r for r in hand_made if r["loss"] == "ntxent"],
+                       "firm": [r for r in hand_made if r["loss"] == "firm" and r["normal_class"] == 0]}.items():
+        write_json(runs / f"toy-{name}.json", {"records": recs, "total_seconds": 60.0, "preset": {"epochs": 8}})
+    text = write_report(tmp_path).read_text()
+    assert "Incomplete grid: firm lacks 1 of 2 classes" in text
+    assert "**0.9000** (1 of 2 classes)" in text and "| **0.7000** |" in text
+    # the gain uses class 0 only: 0.9 - 0.8
+    assert "| ntxent | +10.00 | +10.00 | +10.00 | 1/1 |" in text

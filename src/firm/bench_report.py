@@ -34,6 +34,14 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _mean_cell(class_means: list[float], n_classes: int) -> str:
+    """Bold mean of a loss's per-class AUROCs, naming how many classes it covers when not all."""
+    if not class_means:
+        return "-"
+    cell = f"**{statistics.mean(class_means):.4f}**"
+    return cell if len(class_means) == n_classes else f"{cell} ({len(class_means)} of {n_classes} classes)"
+
+
 def _class_name(dataset: str, c: int) -> str:
     if c < 0:
         return "all (multi-class ID)"
@@ -103,7 +111,7 @@ def _plot_curves(curves: dict, path: Path, per_class: bool) -> None:
             runs = groups[panel][loss]
             common = sorted(set.intersection(*[set(e) for e, _ in runs]))
             mean = [statistics.mean(v[e.index(x)] for e, v in runs) for x in common]
-            ax.plot(common, mean, marker=".", label=loss)
+            ax.plot(common, mean, marker=".", label=loss if per_class else f"{loss} ({len(runs)} runs)")
         title = f"{panel[0]} {_class_name(panel[0], panel[2])}" if per_class else f"{panel[0]} ({panel[1]}), mean"
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
@@ -132,8 +140,14 @@ def _dataset_section(dataset: str, eval_set: str, records: list[dict], final: di
     rows = [[_class_name(dataset, c)] + [_mean_std(per_class(final, c, loss)) for loss in losses] for c in classes]
     means = {loss: [statistics.mean(per_class(final, c, loss)) for c in classes if per_class(final, c, loss)]
              for loss in losses}
-    rows.append(["**mean**"] + [f"**{statistics.mean(means[loss]):.4f}**" if means[loss] else "-" for loss in losses])
-    md = [f"## {dataset}, {eval_set} set: final AUROC (cos1, no ensemble)", "", _table(["normal class"] + losses, rows), ""]
+    rows.append(["**mean**"] + [_mean_cell(means[loss], len(classes)) for loss in losses])
+    md = [f"## {dataset}, {eval_set} set: final AUROC (cos1, no ensemble)", ""]
+    missing = {loss: len(classes) - len(means[loss]) for loss in losses if len(means[loss]) < len(classes)}
+    if missing:
+        md += ["Incomplete grid: " + ", ".join(f"{loss} lacks {n} of {len(classes)} classes" for loss, n in missing.items())
+               + ". Means over different sets of classes do not compare; the gains below use only the classes that "
+               "both losses finished.", ""]
+    md += [_table(["normal class"] + losses, rows), ""]
     if "firm" in losses:
         gains = []
         for base in [x for x in losses if x != "firm"]:
