@@ -8,9 +8,13 @@ sample its own group; SupCon uses the labels as groups.
 
 Groups let the positive term be computed from per-group sums of embeddings,
 ``sum_{p in P(i)} z_i . z_p = z_i . (sum_{j in g(i)} z_j) - z_i . z_i``, so no N x N float mask
-is ever built: the only quadratic object is the similarity matrix that the softmax needs.
+is ever built: the only quadratic object is the similarity matrix that the softmax needs. In the
+concat layout on one process that matrix is symmetric, and the backward pass uses it so: one
+gradient matmul instead of two.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -32,7 +36,7 @@ __all__ = [
 
 def masked_softmax_loss(
     anchors: Tensor,
-    keys: Tensor,
+    keys: Tensor | None,
     anchor_groups: Tensor,
     key_groups: Tensor,
     tau: float,
@@ -42,11 +46,17 @@ def masked_softmax_loss(
 
     ``loss_i = logsumexp_k(a_i . k_k / tau) - mean_{p: g(p) = g(i)} a_i . k_p / tau``.
     ``self_index[i]`` is the column of anchor ``i`` among the keys (concat layout): that column
-    is removed from the softmax and from the positives. Half-precision inputs are computed in
-    float32 so that large batches cannot overflow.
+    is removed from the softmax and from the positives. ``keys=None`` means that the anchors are
+    their own keys, each anchor's own column removed (the concat layout on one process): the
+    similarity matrix is then symmetric, which saves one of the backward's two matrix products.
+    Half-precision inputs are computed in float32 so that large batches cannot overflow.
     """
     if anchors.dtype in (torch.float16, torch.bfloat16):
-        anchors, keys = anchors.float(), keys.float()
+        anchors = anchors.float()
+        keys = None if keys is None else keys.float()
+    symmetric = keys is None
+    if symmetric:
+        keys, self_index = anchors, torch.arange(anchors.shape[0], device=anchors.device)
     n_groups, anchor_gid, key_gid = _group_indices(anchor_groups, key_groups)
     group_sizes = torch.bincount(key_gid, minlength=n_groups)
     positive_count = group_sizes.index_select(0, anchor_gid)
@@ -60,7 +70,11 @@ def masked_softmax_loss(
             f"row {row} of the contrastive loss has no positive: its sample has no second view "
             "with the same label. Pass z1 and z2 in the same sample order, one row per sample."
         )
-    log_normaliser = _MaskedLogSumExp.apply(anchors, keys, 1.0 / tau, self_index)
+    shift = _global_shift(anchors, 1.0 / tau) if symmetric else None
+    if shift is not None:
+        log_normaliser = _SymmetricLogSumExp.apply(anchors, 1.0 / tau, shift)
+    else:
+        log_normaliser = _MaskedLogSumExp.apply(anchors, keys, 1.0 / tau, self_index)
     # index_add_/index_select rather than advanced indexing: their backward passes are a
     # gather and a row-wise add, where ``t[index]``'s is a much slower accumulating index_put.
     group_sums = keys.new_zeros(n_groups, keys.shape[1]).index_add_(0, key_gid, keys)
@@ -84,6 +98,20 @@ def _group_indices(anchor_groups: Tensor, key_groups: Tensor) -> tuple[int, Tens
     return len(groups), inverse[: len(anchor_groups)], inverse[len(anchor_groups):]
 
 
+_LOG2E = 1.4426950408889634  # exp2 is several times cheaper than exp on CPU; scores are rescaled to base 2
+
+
+def _global_shift(z: Tensor, scale: float) -> float | None:
+    """One shift for every row of ``exp(scale * z z^T - shift)``, or None when none is safe.
+
+    A shared shift keeps the weight matrix symmetric. ``shift = scale * max |z|^2`` bounds every
+    entry (Cauchy-Schwarz), so the shifted exponents lie in ``[-2 shift, 0]``; when that range
+    would underflow the dtype (a very small tau), the row-wise shift is needed instead.
+    """
+    shift = scale * float(z.detach().pow(2).sum(1).max())
+    return shift if 2 * shift < -math.log(torch.finfo(z.dtype).tiny) - 8 else None
+
+
 class _MaskedLogSumExp(torch.autograd.Function):
     """``logsumexp_k(scale * a_i . k_k)`` per anchor, column ``self_index[i]`` left out.
 
@@ -95,17 +123,17 @@ class _MaskedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors: Tensor, keys: Tensor, scale: float, self_index: Tensor | None) -> Tensor:
-        weights = torch.mm(anchors * scale, keys.T)
+        weights = torch.mm(anchors * (scale * _LOG2E), keys.T)
         if self_index is not None:
             rows = torch.arange(anchors.shape[0], device=anchors.device)
             weights[rows, self_index] = float("-inf")
         top = weights.amax(1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no column at all
-        weights.sub_(top).exp_()
+        weights.sub_(top).exp2_()
         total = weights.sum(1)
         ctx.scale = scale
         ctx.save_for_backward(anchors, keys, weights, total)
-        return top.squeeze(1) + total.log()
+        return (top.squeeze(1) + total.log2()) / _LOG2E
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -115,6 +143,41 @@ class _MaskedLogSumExp(torch.autograd.Function):
         grad_anchors = torch.mm(weights, keys).mul_(row_factor) if ctx.needs_input_grad[0] else None
         grad_keys = torch.mm(weights.T, anchors * row_factor) if ctx.needs_input_grad[1] else None
         return grad_anchors, grad_keys, None, None
+
+
+class _SymmetricLogSumExp(torch.autograd.Function):
+    """``logsumexp_{k != i}(scale * z_i . z_k)`` per row, with one shift for all rows.
+
+    The weights ``w_ik = exp(scale * z_i . z_k - shift)`` then form a symmetric matrix, and the
+    gradient ``sum_k w_ik (r_i + r_k) z_k`` (``r_i = grad_i * scale / sum_i``) is one matmul
+    where the general case needs two.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, scale: float, shift: float) -> Tensor:
+        weights = torch.mm(z * (scale * _LOG2E), z.T).sub_(shift * _LOG2E).exp2_()
+        weights.fill_diagonal_(0.0)
+        total = weights.sum(1)
+        ctx.scale = scale
+        ctx.save_for_backward(z, weights, total)
+        return total.log() + shift
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        z, weights, total = ctx.saved_tensors
+        r = grad * ctx.scale / total
+        grad_z = torch.empty_like(z)
+        # On a CPU, row blocks of the scaled weights stay in cache and one buffer serves them all
+        # (a fresh large buffer per block costs page faults); a GPU wants one launch.
+        block = len(z) if z.is_cuda else max(64, (1 << 20) // len(z))
+        buffer = weights.new_empty(min(block, len(z)), len(z))
+        for start in range(0, len(z), block):
+            rows = slice(start, start + block)
+            scaled = buffer[: len(weights[rows])]
+            torch.mul(weights[rows], r[rows].unsqueeze(1), out=scaled).addcmul_(weights[rows], r)
+            torch.mm(scaled, z, out=grad_z[rows])
+        return grad_z, None, None
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -190,8 +253,10 @@ class ContrastiveLoss(nn.Module):
             return rows.sum() / n  # = world x (sum of this rank's rows) / N_global
         n_global = n * world
         anchors = torch.cat([z1, z2])
-        keys = anchors if world == 1 else torch.cat([k1, k2])
         key_groups = torch.cat([groups, groups])
+        if world == 1:
+            return masked_softmax_loss(anchors, None, key_groups, key_groups, self.tau).mean()
+        keys = torch.cat([k1, k2])
         offsets = torch.arange(rank * n, (rank + 1) * n, device=z1.device)
         self_index = torch.cat([offsets, offsets + n_global])
         rows = masked_softmax_loss(anchors, keys, key_groups[self_index], key_groups, self.tau, self_index)

@@ -144,7 +144,7 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def measure_step(device: torch.device | str = "cpu", width: int = 16, batch_size: int = 256, amp: bool = False,
-                 head: str = "cpu", warmup: int = 3, repeats: int = 5, seed: int = 0) -> dict:
+                 head: str = "cpu", warmup: int = 3, repeats: int = 9, seed: int = 0) -> dict:
     """Encoder-only forward + backward against the whole :meth:`Trainer.step`, in training images
     per second; ``step_over_encoder`` is their ratio (1 = the rest of the step costs nothing)."""
     device = resolve_device(str(device))
