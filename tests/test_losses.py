@@ -121,19 +121,20 @@ def test_losses_differ_only_in_positive_masks():
     assert torch.allclose(SupConLoss()(z1, z2, torch.arange(10)), NTXentLoss()(z1, z2))
 
 
-# tau 0.002 in float64 is too small for one shared softmax shift and takes the row-wise path.
-@pytest.mark.parametrize("tau, norm", [(0.2, 1.0), (0.2, 3.0), (0.002, 1.0)])
-def test_loss_gradients_match_dense_reference(tau, norm):
-    z1, z2, labels = random_batch(8, seed=11)
+# tau 0.002 in float64 is too small for one shared softmax shift and takes the row-wise path;
+# n 600 makes the symmetric backward run in more than one row block.
+@pytest.mark.parametrize("n, tau, norm", [(8, 0.2, 1.0), (8, 0.2, 3.0), (8, 0.002, 1.0), (600, 0.2, 1.0)])
+def test_loss_gradients_match_dense_reference(n, tau, norm):
+    z1, z2, labels = random_batch(n, seed=11)
     z1, z2 = ((norm * z).requires_grad_(True) for z in (z1, z2))
     FIRMLoss(tau=tau)(z1, z2, labels).backward()
     # Dense reference with autograd: explicit masks over the 2N x 2N matrix.
     a1, a2 = z1.detach().clone().requires_grad_(True), z2.detach().clone().requires_grad_(True)
     z = torch.cat([a1, a2])
     logits = z @ z.T / tau
-    eye = torch.eye(16, dtype=torch.bool)
+    eye = torch.eye(2 * n, dtype=torch.bool)
     logp = logits.masked_fill(eye, float("-inf")).log_softmax(1)
-    pos = torch.zeros(16, 16, dtype=torch.bool)
+    pos = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
     for i, s in enumerate(positives_concat(labels.tolist(), "firm")):
         pos[i, list(s)] = True
     loss = -(logp.masked_fill(~pos, 0).sum(1) / pos.sum(1)).mean()

@@ -168,9 +168,10 @@ class _SymmetricLogSumExp(torch.autograd.Function):
         z, weights, total = ctx.saved_tensors
         r = grad * ctx.scale / total
         grad_z = torch.empty_like(z)
-        # On a CPU, row blocks of the scaled weights stay in cache and one buffer serves them all
-        # (a fresh large buffer per block costs page faults); a GPU wants one launch.
-        block = len(z) if z.is_cuda else max(64, (1 << 20) // len(z))
+        # Row blocks bound the extra memory to one block, and one buffer serves them all (a fresh
+        # large buffer per block costs page faults). On a CPU a block of 2^20 entries stays in
+        # cache; a GPU wants few launches, so its blocks are larger.
+        block = max(64, (1 << (24 if z.is_cuda else 20)) // len(z))
         buffer = weights.new_empty(min(block, len(z)), len(z))
         for start in range(0, len(z), block):
             rows = slice(start, start + block)
