@@ -175,8 +175,9 @@ class _SymmetricLogSumExp(torch.autograd.Function):
         buffer = weights.new_empty(min(block, len(z)), len(z))
         for start in range(0, len(z), block):
             rows = slice(start, start + block)
-            scaled = buffer[: len(weights[rows])]
-            torch.mul(weights[rows], r[rows].unsqueeze(1), out=scaled).addcmul_(weights[rows], r)
+            block_weights = weights[rows]
+            scaled = buffer[: len(block_weights)]
+            torch.mul(block_weights, r[rows].unsqueeze(1), out=scaled).addcmul_(block_weights, r)
             torch.mm(scaled, z, out=grad_z[rows])
         return grad_z, None, None
 
