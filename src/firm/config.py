@@ -1,0 +1,398 @@
+"""Every setting of a run, in one place: plain dataclasses, the named presets, YAML.
+
+A run is described by :class:`Settings`: what data (:class:`DataConfig`), which network
+(:class:`ModelConfig`), how to train (:class:`TrainConfig`), how to score (:class:`EvalConfig`)
+and, for the detector, how to set its threshold (:class:`DetectorConfig`). The dataclass
+defaults are the authors' reference setting (docs FIRM.md); the presets below are named
+instances. The command line is generated from these fields (one ``--flag`` per field; field
+names are unique across the groups), a YAML config file is a :class:`Settings` serialised, and
+``run.json`` / ``config.json`` of a run folder hold the settings the run really used.
+
+Names that refer to registries (losses, scorers, shifts, test-time ensembles, backbones,
+datasets) are checked against those registries by :func:`validate`, which the command line
+calls before any image is read.
+"""
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+__all__ = [
+    "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "DetectorConfig", "Settings", "PRESETS",
+    "GROUPS", "preset", "field_group", "apply_overrides", "settings_from_dict", "load_yaml", "dump_yaml",
+    "SettingsError", "describe", "field_type",
+]
+
+
+class SettingsError(ValueError):
+    """A setting that is unknown, of the wrong type or out of range; the message names it."""
+
+
+class _Group:
+    """Mixin: ``to_dict`` and a ``from_dict`` that names unknown keys."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SettingsError(f"{cls.__name__} has no setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
+
+
+@dataclass
+class DataConfig(_Group):
+    """Which images a run trains and is evaluated on."""
+
+    dataset: str = "cifar10"
+    """cifar10, cifar100 (20 superclasses), fashionmnist, mnist, digits, or folder:PATH"""
+    data_root: str | None = None
+    """folder holding the dataset files (default: $FIRM_DATA_ROOT)"""
+    normal_class: str = "0"
+    """class index used as normal, or 'all' (every class is ID: the multi-class-ID setting)"""
+    train_images: int | None = None
+    """train on a seeded subset of this many normal images (default: all)"""
+    split: str = "test"
+    """evaluate on the test split, or on a validation split of the training data (for tuning)"""
+    ood: list[str] = field(default_factory=list)
+    """OOD datasets or folders for the multi-class-ID setting (--normal-class all)"""
+    outlier_dir: str | None = None
+    """folder of real outlier images (Outlier Exposure) instead of shifted copies"""
+
+
+@dataclass
+class ModelConfig(_Group):
+    """The encoder: backbone, its stem, the projection head and their initialisation."""
+
+    backbone: str = "resnet18"
+    """resnet18 or resnet50"""
+    stem: str = "cifar"
+    """cifar (3x3 stride 1, the paper's), imagenet (7x7 stride 2 + max-pool: for 128-256 px), or auto (by image size)"""
+    width: int = 64
+    """base width of the ResNet (64 = the paper's and torchvision's)"""
+    head_hidden: int = 1024
+    """hidden width of the projection head"""
+    head_layers: int = 7
+    """hidden layers of the projection head"""
+    head_out: int = 128
+    """projection dimension"""
+    in_channels: int = 3
+    """image channels the network takes"""
+    image_size: int = 32
+    """side images are resized to"""
+    bn_momentum: float = 0.9
+    """BatchNorm momentum (PyTorch semantics; the authors' 0.9 keeps running statistics of the last batches)"""
+    init: str = "kaiming"
+    """weight initialisation: kaiming (the authors': fan_out normal, BN weight 1 bias 0) or pytorch (PyTorch's defaults)"""
+    weights: str | None = None
+    """pretrained backbone weights to start from: a torchvision-layout state dict (.safetensors, or .pth read with weights_only)"""
+
+
+@dataclass
+class TrainConfig(_Group):
+    """How to train; the defaults are the authors' reference setting."""
+
+    loss: str = "firm"
+    """contrastive loss"""
+    loss_mode: str = "authors"
+    """concat (2N x 2N), pairwise (N x N view 1 vs view 2) or authors (each loss's layout as the authors ran it)"""
+    tau: float = 0.2
+    """temperature of the contrastive loss"""
+    epochs: int = 2000
+    """training epochs"""
+    batch_size: int = 32
+    """global batch size (inliers + outliers)"""
+    lr: float = 0.01
+    """peak learning rate of the one-cycle schedule"""
+    warmup: float = 0.01
+    """share of training spent warming up in the one-cycle schedule (OneCycleLR's pct_start; PyTorch's default is 0.3)"""
+    momentum: float = 0.9
+    """SGD momentum (cycled by the one-cycle schedule)"""
+    weight_decay: float = 3e-4
+    """SGD weight decay"""
+    id_share: float | None = None
+    """share of inliers per batch (default: the authors' pool, every image once plus once per shift variant)"""
+    shifts: list[str] = field(default_factory=lambda: ["rotation"])
+    """synthetic outliers: a list of shifts, or auto (chosen from the normal images)"""
+    seed: int = 0
+    """random seed (data order, augmentations, initialisation)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    amp: bool = False
+    """bf16 autocast (the authors trained in float32)"""
+    channels_last: bool = True
+    """channels-last memory layout (speed only)"""
+    compile: bool = False
+    """torch.compile the encoder"""
+    sync_bn: bool = False
+    """SyncBatchNorm under torchrun (GPUs only)"""
+    checkpoint_every: int = 10
+    """epochs between checkpoints (and at the end); 0 = only at the end of a run folder's training"""
+    eval_every: int = 100
+    """log the evaluation-split cos1 AUROC every N epochs (a learning curve for reports; never used to choose the model); 0 = off"""
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    """scale range of the random resized crop of the training views"""
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4)
+    """colour jitter of the training views: brightness, contrast, saturation, hue"""
+    blur_p: float = 0.75
+    """probability of the Gaussian blur of the training views"""
+
+
+@dataclass
+class EvalConfig(_Group):
+    """How features are extracted and scored."""
+
+    scorer: str = "cos1"
+    """scorer of the detector (firm score)"""
+    tta: str = "none"
+    """test-time ensemble of the detector (firm score)"""
+    scorers: list[str] = field(default_factory=lambda: ["all"])
+    """scorers evaluated at the end of a run (all = every registered scorer)"""
+    final_tta: list[str] = field(default_factory=lambda: ["none", "angled", "ensemble"])
+    """test-time ensembles evaluated at the end of a run"""
+    center_crop: float = 32 / 36
+    """test-time zoom: resize to size / center_crop, then centre-crop size (the authors: 36 -> 32); 1 = none"""
+    ensemble_crops: int = 10
+    """views per rotation in the crop ensemble (the first is the centre zoom)"""
+    ensemble_crop_scale: tuple[float, float] = (0.55, 1.0)
+    """scale range of the crop ensemble's random resized crops"""
+    ensemble_shared_crops: bool = True
+    """reuse the same random crops for every rotation (the authors') rather than fresh ones per rotation"""
+    ocsvm_nu: float = 0.5
+    """nu of the RBF and linear one-class SVMs (scikit-learn's default, the authors')"""
+
+
+@dataclass
+class DetectorConfig(_Group):
+    """The detector's threshold and anomaly maps."""
+
+    target_fpr: float = 0.05
+    """share of held-out normal images above the threshold"""
+    contamination: float | None = None
+    """expected share of anomalies (sets the threshold instead of target_fpr)"""
+    holdout: float = 0.1
+    """share of normal images held out to set the threshold"""
+
+
+@dataclass
+class Settings:
+    """All settings of one run or detector."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+    def to_dict(self) -> dict:
+        return {g: getattr(self, g).to_dict() for g in GROUPS}
+
+    def copy(self) -> "Settings":
+        return copy.deepcopy(self)
+
+
+GROUPS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
+                           "detector": DetectorConfig}
+
+
+def field_group(name: str) -> str:
+    """The group (``data``, ``model``, ...) a field name belongs to."""
+    for group, cls in GROUPS.items():
+        if name in {f.name for f in fields(cls)}:
+            return group
+    raise SettingsError(f"unknown setting {name!r}")
+
+
+def _check_unique_names() -> None:
+    seen: dict[str, str] = {}
+    for group, cls in GROUPS.items():
+        for f in fields(cls):
+            if f.name in seen:  # pragma: no cover - a programming error caught at import
+                raise RuntimeError(f"setting {f.name!r} is in both {seen[f.name]} and {group}")
+            seen[f.name] = group
+
+
+_check_unique_names()
+
+
+def _base_type(cls: type, name: str):
+    """``(type, is_list, is_tuple, optional)`` of a field, from its annotation."""
+    hints = typing.get_type_hints(cls)
+    t = hints[name]
+    optional = False
+    args = typing.get_args(t)
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        optional = type(None) in args
+        t = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(t)
+    if origin is list:
+        return typing.get_args(t)[0], True, False, optional
+    if origin is tuple:
+        return typing.get_args(t)[0], False, True, optional
+    return t, False, False, optional
+
+
+def field_type(cls: type, name: str) -> tuple[type, bool, bool, bool]:
+    """Public view of :func:`_base_type` for the command line."""
+    return _base_type(cls, name)
+
+
+def _coerce(cls: type, name: str, value):
+    """``value`` (from YAML, JSON or a string on the command line) as the field's type."""
+    base, is_list, is_tuple, optional = _base_type(cls, name)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional or is_list:
+            return None if optional else []
+        raise SettingsError(f"setting {name!r} cannot be empty")
+    if is_list or is_tuple:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        items = [_scalar(name, base, v) for v in items]
+        return tuple(items) if is_tuple else items
+    return _scalar(name, base, value)
+
+
+def _scalar(name: str, base: type, value):
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return base(value)
+    except (TypeError, ValueError):
+        kind = "on/off" if base is bool else base.__name__
+        raise SettingsError(f"setting {name!r}: expected {kind}, got {value!r}") from None
+
+
+def apply_overrides(settings: Settings, overrides: dict) -> Settings:
+    """A copy of ``settings`` with flat ``{field: value}`` overrides (``None`` values are skipped;
+    names with dashes are accepted)."""
+    out = settings.copy()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        name = key.replace("-", "_")
+        group = field_group(name)
+        setattr(getattr(out, group), name, _coerce(GROUPS[group], name, value))
+    return out
+
+
+def settings_from_dict(d: dict, base: Settings | None = None) -> Settings:
+    """Settings from the nested form of :meth:`Settings.to_dict` (groups may be partial or
+    missing: the rest comes from ``base``, default the dataclass defaults)."""
+    out = (base or Settings()).copy()
+    unknown = sorted(set(d) - set(GROUPS))
+    if unknown:
+        raise SettingsError(f"unknown settings group(s) {unknown}; known: {sorted(GROUPS)}")
+    for group, values in d.items():
+        if not isinstance(values, dict):
+            raise SettingsError(f"settings group {group!r} must be a mapping of names to values")
+        merged = {**getattr(out, group).to_dict(), **values}
+        setattr(out, group, GROUPS[group].from_dict(merged))
+    return out
+
+
+def load_yaml(path: str | Path, base: Settings | None = None) -> Settings:
+    """Settings from a YAML file: the nested form (``model: {width: 16}``), or flat field names
+    (``width: 16``), or both."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SettingsError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise SettingsError(f"config file {path} must be a mapping of setting names to values")
+    nested = {k: v for k, v in values.items() if k in GROUPS}
+    flat = {k: v for k, v in values.items() if k not in GROUPS}
+    try:
+        return apply_overrides(settings_from_dict(nested, base), flat)
+    except SettingsError as e:
+        raise SettingsError(f"config file {path}: {e}") from e
+
+
+def dump_yaml(settings: Settings) -> str:
+    import yaml
+
+    def plain(obj):
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj
+    return yaml.safe_dump(plain(settings.to_dict()), sort_keys=False)
+
+
+def _preset(model: dict | None = None, train: dict | None = None, eval: dict | None = None,
+            data: dict | None = None) -> Settings:
+    s = Settings()
+    for group, values in (("model", model), ("train", train), ("eval", eval), ("data", data)):
+        for k, v in (values or {}).items():
+            setattr(getattr(s, group), k, v)
+    return s
+
+
+# The presets. ``paper`` is the dataclass defaults: the authors' experiment. ``cpu`` was chosen
+# on validation splits of the CIFAR-10 training set (docs/results/cpu_preset_tuning.md). The
+# detector's preset trains in minutes on a CPU; ``demo`` is the digits demo.
+# The cpu, detector and demo presets keep what the earlier CPU runs used where no validation
+# run has chosen otherwise: PyTorch's BatchNorm momentum and initialisation, raw test images.
+_SMALL = dict(width=16, head_hidden=512, head_layers=2, bn_momentum=0.1, init="pytorch")
+_SMALL_EVAL = dict(center_crop=1.0, ensemble_crop_scale=(0.5, 1.0), ensemble_shared_crops=False, ocsvm_nu=0.1)
+PRESETS: dict[str, Settings] = {
+    "paper": _preset(),
+    "cpu": _preset(model=_SMALL, train=dict(epochs=10, batch_size=64, lr=0.02, warmup=0.3, loss_mode="concat",
+                                            eval_every=1, checkpoint_every=0),
+                   eval=dict(_SMALL_EVAL, final_tta=["none", "angled"]), data=dict(train_images=2000)),
+    "detector": _preset(model=dict(_SMALL, stem="auto"), train=dict(epochs=30, batch_size=64, lr=0.02, warmup=0.3,
+                                                                    loss_mode="concat", eval_every=0),
+                        eval=dict(_SMALL_EVAL, final_tta=["none"])),
+    "demo": _preset(model=_SMALL, train=dict(epochs=8, batch_size=64, lr=0.02, warmup=0.3, loss_mode="concat",
+                                             eval_every=0, checkpoint_every=0),
+                    eval=dict(_SMALL_EVAL, scorers=["cos1"], final_tta=["none"]), data=dict(dataset="digits")),
+}
+
+
+def preset(name: str) -> Settings:
+    """A copy of preset ``name``."""
+    if name not in PRESETS:
+        raise SettingsError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].copy()
+
+
+def describe(name: str) -> str:
+    """The help text of a field (the docstring under it in this module)."""
+    return _DOCS.get(name, "")
+
+
+def _field_docs() -> dict[str, str]:
+    """Field docstrings (the string literal under each field) read from this module's source."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["_"])))
+    docs: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for a, b in zip(body, body[1:]):
+                if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                        and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+                    docs[a.target.id] = b.value.value
+    return docs
+
+
+_DOCS = _field_docs()
