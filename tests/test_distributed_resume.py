@@ -50,13 +50,20 @@ def _worker(rank: int, port: int, out_dir: str, mode: str) -> None:
     model.weight.data.copy_(weight)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     loss_fn = FIRMLoss(tau=0.2, mode=mode)
-    z1 = F.normalize(ddp(x1[local]), dim=1)
-    z2 = F.normalize(model(x2[local]), dim=1)
+    # Both views go through ONE forward of the DDP module, as in the Trainer. (Calling the bare
+    # module for view 2 let DDP's gradient all-reduce start after view 1's contribution alone,
+    # racing the loss's own all-reduce: the ranks could issue their collectives in different
+    # orders, which aborted the process group about one run in eight on a loaded machine.)
+    z1, z2 = F.normalize(ddp(torch.cat([x1[local], x2[local]])), dim=1).chunk(2)
     loss = loss_fn(z1, z2, labels[local])
     loss.backward()
     value = loss.detach().clone()
     dist.all_reduce(value)
     torch.save({"loss": float(value) / WORLD, "grad": model.weight.grad.clone()}, Path(out_dir) / f"rank{rank}.pt")
+    # Tear down only when both ranks are done: a rank that closes its gloo pairs while the other
+    # still holds pending operations (DDP's reducer, the gather) aborts the peer with SIGABRT.
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from firm import FIRMLoss, NTXentLoss, SupConLoss
-from firm.losses import OUTLIER_LABEL, batch_labels, build_loss, masked_softmax_loss
+from firm.losses import LOSSES as REGISTERED, OUTLIER_LABEL, batch_labels, build_loss, masked_softmax_loss, resolve_mode
 
 OUT = OUTLIER_LABEL
 
@@ -76,14 +76,6 @@ def test_float32_matches_formula(tau):
     z1, z2, labels = random_batch(40, d=32, seed=5, dtype=torch.float32)
     ref = reference_concat(z1, z2, labels.tolist(), "firm", tau)
     assert abs(float(FIRMLoss(tau=tau)(z1, z2, labels)) - ref) <= 1e-5 * abs(ref)
-
-
-def test_worked_example_positive_sets():
-    # FIRM.md: labels [1, 2, 2, OUT, OUT], N=5: row 1 has positives {2, 6, 7}; row 3 has {8}
-    # (rows counted from 0 over the 2N stacked views).
-    sets = positives_concat([1, 2, 2, OUT, OUT], "firm")
-    assert sets[1] == {2, 6, 7}
-    assert sets[3] == {8}
 
 
 def test_worked_example_through_the_loss():
@@ -180,8 +172,37 @@ def test_batch_labels_per_loss():
     classes = torch.tensor([0, 0, 0, 0])
     variant = torch.tensor([0, 1, 2, 3])
     assert batch_labels("firm", classes, variant).tolist() == [0, OUT, OUT, OUT]
-    assert batch_labels("supcon", classes, variant).tolist() == [0, 1, 1, 1]
-    assert batch_labels("rotsupcon", classes, variant).tolist() == [0, 1, 2, 3]
+    assert batch_labels("supcon", classes, variant).tolist() == [0, -1, -1, -1]
+    assert batch_labels("rotsupcon", classes, variant).tolist() == [0, -1, -2, -3]
     assert isinstance(build_loss("rotsupcon"), SupConLoss)
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("triplet")
+
+
+def test_supcon_labels_keep_several_id_classes_apart():
+    """With several ID classes, SupCon and Rot-SupCon keep each class its own positive group
+    (not one group for every inlier); outliers form one group (SupCon) or one per transform."""
+    classes = torch.tensor([0, 1, 2, 0, 1, 2])
+    variant = torch.tensor([0, 0, 0, 1, 2, 1])
+    for name, outlier_groups in (("supcon", [[3, 4, 5]]), ("rotsupcon", [[3, 5], [4]])):
+        labels = batch_labels(name, classes, variant)
+        groups = build_loss(name).positive_groups(labels).tolist()
+        same = lambda i, j: groups[i] == groups[j]
+        assert not same(0, 1) and not same(1, 2) and not same(0, 2)
+        assert not any(same(i, j) for i in range(3) for j in range(3, 6))
+        for members in outlier_groups:
+            assert all(same(members[0], j) for j in members)
+        if name == "rotsupcon":
+            assert not same(3, 4)
+
+
+def test_authors_layouts():
+    """The authors ran FIRM and NT-Xent in the N x N pairwise layout, SupCon and Rot-SupCon in
+    the 2N x 2N one; "authors" selects those, an explicit layout overrides them."""
+    assert {name: resolve_mode(name, "authors") for name in REGISTERED} == {
+        "firm": "pairwise", "ntxent": "pairwise", "supcon": "concat", "rotsupcon": "concat"}
+    assert build_loss("firm", mode="authors").mode == "pairwise"
+    assert build_loss("supcon", mode="authors").mode == "concat"
+    assert build_loss("firm", mode="concat").mode == "concat"
+    with pytest.raises(ValueError, match="layout"):
+        build_loss("firm", mode="diagonal")

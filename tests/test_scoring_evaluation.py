@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from firm.evaluation import aulc, auroc, epochs_to_reach, speedup
-from firm.features import FeatureSet
-from firm.scoring import SCORERS, apply_scorers, build_scorer, fit_scorers, knn_similarity, score
+from firm.config import EvalConfig
+from firm.evaluation import aulc, auroc, epochs_to_reach, evaluate_scorers, speedup
+from firm.features import TTA_MODES, FeatureSet
+from firm.models import Encoder, ModelConfig
+from firm.scoring import SCORERS, apply_scorers, build_scorer, fit_scorers, knn_similarity, scorer_names, score
 
 
 def gaussian_features(seed=0, d=32, n_bank=400, n_query=200):
@@ -29,6 +31,26 @@ def test_every_scorer_ranks_a_far_cluster_as_anomalous(name):
     s = build_scorer(name).fit(bank).score(queries)
     assert s.shape == (len(queries),)
     assert auroc(s, y) > 0.95
+
+
+@pytest.mark.parametrize("name", ["ocsvm_rbf", "ocsvm_linear"])
+def test_svms_rank_well_with_the_old_nu_too(name):
+    bank, queries, y = gaussian_features()
+    svm = build_scorer(name, EvalConfig(ocsvm_nu=0.1)).fit(bank)
+    assert svm.svm_.nu == 0.1
+    assert auroc(svm.score(queries), y) > 0.95
+
+
+def test_registries_are_dicts_with_descriptions():
+    assert list(TTA_MODES) == ["none", "angled", "ensemble"] and "angled" in TTA_MODES
+    assert all(entry.description for entry in TTA_MODES.values())
+    assert all(entry.description for entry in SCORERS.values())
+    assert scorer_names(["cos1", "all"]) == list(SCORERS)
+    assert scorer_names(["kde", "cos1", "kde"]) == ["kde", "cos1"]
+    with pytest.raises(ValueError, match="unknown scorer"):
+        scorer_names(["cos2"])
+    with pytest.raises(ValueError, match="unknown scorer"):
+        build_scorer("nope")
 
 
 def test_cos1_of_a_bank_point_is_minus_one_and_cos5_averages_top5():
@@ -87,6 +109,50 @@ def test_ensemble_averages_over_rotations_and_crops():
     assert torch.allclose(score("cos1", b, q), single, atol=1e-5)
     with pytest.raises(ValueError, match="rotations"):
         apply_scorers(fit_scorers("cos1", b), FeatureSet(queries.view(1, 1, *queries.shape)))
+
+
+def test_score_passes_the_config_to_the_scorers():
+    bank, queries, _ = gaussian_features(n_bank=200, n_query=50)
+    b, q = FeatureSet(bank.view(1, 1, *bank.shape)), FeatureSet(queries.view(1, 1, *queries.shape))
+    assert fit_scorers("ocsvm_rbf", b, EvalConfig(ocsvm_nu=0.2))[0].svm_.nu == 0.2
+    low, high = score("ocsvm_rbf", b, q, EvalConfig(ocsvm_nu=0.05)), score("ocsvm_rbf", b, q, EvalConfig(ocsvm_nu=0.9))
+    assert not torch.allclose(low, high)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny convolutions on a busy 2-core machine run many times slower with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Encoder(ModelConfig(width=4, head_hidden=16, head_layers=1, head_out=8))
+
+
+def _tiny_images(n, seed):
+    return torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_evaluate_scorers_all_and_a_stored_bank(one_thread):
+    model = _tiny_model()
+    normal, test = _tiny_images(12, 0), _tiny_images(10, 1)
+    y = torch.tensor([0, 1] * 5)
+    config = EvalConfig(ensemble_crops=2)
+    records, scores = evaluate_scorers(model, normal, test, y, ["all"], ["none", "angled", "ensemble"], config=config)
+    assert [(r["scorer"], r["tta"]) for r in records] == [(s, t) for t in TTA_MODES for s in SCORERS]
+    assert all(0 <= r["auroc"] <= 1 for r in records)
+    # A bank stored at 4 rotations gives the same scores as extracting it again, for every ensemble.
+    from firm.features import extract_features
+    stored = extract_features(model, normal, "angled", query=False, config=config)
+    _, stored_scores = evaluate_scorers(model, stored, test, y, ["cos1", "kde"], ["none", "angled"], config=config)
+    for key, s in stored_scores.items():
+        assert torch.allclose(s, scores[key], atol=1e-5), key
+    with pytest.raises(ValueError, match="unknown test-time ensemble"):
+        evaluate_scorers(model, normal, test, y, ["cos1"], "sideways")
 
 
 def test_auroc_errors_are_clear():

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from firm.shifts import BatchPlan, CutPaste, HorizontalFlip, PatchPermutation, Rotation, ShiftSet, build_shifts
+from firm.shifts import (BatchPlan, CutPaste, CutPasteScar, HorizontalFlip, Mixup, PatchPermutation, Rotation, Scramble,
+                         ShiftSet, _beta)
 from firm.views import ViewAugment, color_jitter, gaussian_blur, random_resized_crop
 
 
@@ -37,28 +38,157 @@ def test_shift_set_leaves_inliers_and_numbers_variants_from_one():
     assert torch.equal(out[4], x[4].flip(-1))
 
 
-@pytest.mark.parametrize("shift", [CutPaste(), CutPaste(scar=True), PatchPermutation(2), PatchPermutation(4)])
-def test_patch_shifts_change_images_but_keep_their_pixels_plausible(shift):
+def _zeros(n):
+    return torch.zeros(n, dtype=torch.long)
+
+
+@pytest.mark.parametrize("shift", [CutPaste(), CutPasteScar(), Scramble(), Mixup(), PatchPermutation(2), PatchPermutation(4)],
+                         ids=lambda s: s.name)
+def test_random_shifts_change_images_and_are_seeded(shift):
     x = images(16, size=32)
-    g = torch.Generator().manual_seed(1)
-    out = shift(x, torch.zeros(16, dtype=torch.long), g)
-    assert out.shape == x.shape
-    changed = (out != x).flatten(1).any(1)
-    assert changed.float().mean() > 0.8  # a shift that does nothing makes no outlier
-    if isinstance(shift, PatchPermutation):
-        # a permutation moves pixels: every image keeps exactly its multiset of values
+    out = shift(x, _zeros(16), torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert (out != x).flatten(1).any(1).all()  # a shift that does nothing makes no outlier
+    assert torch.equal(out, shift(x, _zeros(16), torch.Generator().manual_seed(1)))
+    assert not torch.equal(out, shift(x, _zeros(16), torch.Generator().manual_seed(2)))
+    if isinstance(shift, (PatchPermutation, Scramble)):
+        # cells are moved, turned or flipped: every image keeps exactly its multiset of values
         assert torch.equal(out.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
-    else:
-        # cut-paste copies pixels from the same image: pasted values exist in the source image
-        assert all(torch.isin(out[i], x[i]).all() for i in range(16))
+    grey = shift(images(4, c=1, size=32), _zeros(4), torch.Generator().manual_seed(0))
+    assert grey.shape == (4, 1, 32, 32) and grey.min() >= 0 and grey.max() <= 1
 
 
-def test_build_shifts_names_and_errors():
-    assert build_shifts("rotation,cutpaste").names == ["rotation", "cutpaste"]
-    with pytest.raises(ValueError, match="unknown shift"):
-        build_shifts(["rotate"])
-    with pytest.raises(ValueError):
-        Rotation(angles=(45,))
+def _changed_box(before, after):
+    """(top, left, height, width) of the pixels that differ, or None."""
+    rows = torch.nonzero((before != after).any(0).any(1)).flatten()
+    cols = torch.nonzero((before != after).any(0).any(0)).flatten()
+    if len(rows) == 0:
+        return None
+    return rows[0].item(), cols[0].item(), (rows[-1] - rows[0] + 1).item(), (cols[-1] - cols[0] + 1).item()
+
+
+def _copied_from_same_image(image, region, atol=0.0):
+    """Whether ``region`` (C, h, w) equals a window of ``image`` somewhere."""
+    windows = image.unfold(1, region.shape[1], 1).unfold(2, region.shape[2], 1)  # C, H', W', h, w
+    return bool(((windows - region[:, None, None]).abs().amax((0, 3, 4)) <= atol).any())
+
+
+def test_cutpaste_copies_a_rectangle_of_the_authors_size_from_the_same_image():
+    x = images(40, size=32)
+    out = CutPaste()(x, _zeros(40), torch.Generator().manual_seed(0))
+    for before, after in zip(x, out):
+        top, left, h, w = _changed_box(before, after)
+        assert (before != after).any(0).sum() == h * w  # the changed pixels are one full rectangle
+        # area 2-15% of the image, up to the rounding of each side to whole pixels
+        assert 0.02 * 1024 - 0.5 * (h + w) - 1 <= h * w <= 0.15 * 1024 + 0.5 * (h + w) + 1
+        assert 1 / 3.3 - 0.2 <= h / w <= 3.3 + 1.5
+        assert _copied_from_same_image(before, after[:, top:top + h, left:left + w])
+
+
+def test_cutpaste_probability_leaves_that_share_of_outliers_unchanged():
+    x = images(2000, c=1, size=16)
+    def unchanged(shift):
+        out = shift(x, _zeros(2000), torch.Generator().manual_seed(0))
+        return (out == x).flatten(1).all(1).float().mean().item()
+    # The authors' outliers are always pasted (their data.py passes p=1.0); their class default is 0.5.
+    assert unchanged(CutPaste()) == 0 and unchanged(CutPasteScar()) == 0
+    assert abs(unchanged(CutPaste(p=0.5)) - 0.5) < 0.1  # 2000 draws: the standard error is 0.011
+    assert abs(unchanged(CutPasteScar(p=0.5)) - 0.5) < 0.1
+    assert unchanged(CutPaste(p=0.0)) == 1
+
+
+def test_scar_sizes_are_in_pixels_and_the_scar_comes_from_the_same_image():
+    straight = CutPasteScar(angle=(0.0, 0.0), jitter=(0.0, 0.0, 0.0, 0.0))
+    for size in (32, 128):  # pixel sizes do not scale with the image
+        x = images(30, size=size)
+        out = straight(x, _zeros(30), torch.Generator().manual_seed(3))
+        for before, after in zip(x, out):
+            top, left, h, w = _changed_box(before, after)
+            assert 10 <= h <= 25 and 2 <= w <= 16  # length 10-25 px (vertical before turning), width 2-16 px
+            assert _copied_from_same_image(before, after[:, top:top + h, left:left + w], atol=1e-5)
+
+
+def test_turned_scars_stay_within_their_rotated_bounds():
+    x = images(60, size=64)
+    out = CutPasteScar()(x, _zeros(60), torch.Generator().manual_seed(4))
+    extent = (16 + 25) / 2 ** 0.5 + 2  # the widest bounding box of a 16 x 25 px patch turned by up to 45 degrees
+    areas = []
+    for before, after in zip(x, out):
+        top, left, h, w = _changed_box(before, after)
+        assert h <= extent and w <= extent
+        areas.append((before != after).any(0).sum().item())
+    assert max(areas) <= 17 * 26 + 2 * (17 + 26) and min(areas) >= 2 * 10
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def _cells(x, n=4):
+    b, c, h, w = x.shape
+    s = h // n
+    return x.reshape(b, c, n, s, n, s).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c, s, s)
+
+
+def _turns(cell):
+    return [torch.rot90(cell, 1, (-2, -1)), torch.rot90(cell, 2, (-2, -1)), torch.rot90(cell, 3, (-2, -1)),
+            cell.flip(-1), cell]
+
+
+def test_scramble_turns_each_cell_one_of_five_ways_uniformly():
+    x = images(200, size=16)
+    out = Scramble(shuffle_p=0.0)(x, _zeros(200), torch.Generator().manual_seed(0))
+    counts = torch.zeros(5)
+    for before, after in zip(_cells(x), _cells(out)):
+        for cell_in, cell_out in zip(before, after):
+            match = [torch.equal(cell_out, t) for t in _turns(cell_in)]
+            assert sum(match) == 1  # in place, turned or flipped
+            counts[match.index(True)] += 1
+    assert ((counts / counts.sum() - 0.2).abs() < 0.05).all()  # 3200 cells: the standard error is 0.007
+
+
+def test_scramble_shuffles_one_run_of_consecutive_cells():
+    x = images(100, size=16)
+    out = Scramble(shuffle_p=1.0)(x, _zeros(100), torch.Generator().manual_seed(1))
+    moved_any = 0
+    for before, after in zip(_cells(x), _cells(out)):
+        moved = [i for i in range(16) if not any(torch.equal(after[i], t) for t in _turns(before[i]))]
+        if not moved:
+            continue
+        moved_any += 1
+        lo, hi = moved[0], moved[-1] + 1
+        # cells outside the run stay where they were; inside it they are a permutation of the run
+        sort = lambda cells: sorted(c.flatten().sort().values.tolist() for c in cells)
+        assert sort(after[lo:hi]) == sort(before[lo:hi])
+    assert moved_any > 50
+
+
+def test_scramble_cells_follow_the_authors_rounding_and_need_square_cells():
+    x = images(4, size=30)  # cells of 7 px: a 2 px border is left as it is
+    out = Scramble()(x, _zeros(4), torch.Generator().manual_seed(0))
+    assert torch.equal(out[..., 28:, :], x[..., 28:, :]) and torch.equal(out[..., :, 28:], x[..., :, 28:])
+    with pytest.raises(ValueError, match="square cells"):
+        Scramble()(torch.rand(2, 3, 32, 64), _zeros(2))
+
+
+def test_mixup_blends_each_image_with_another_image_of_the_batch():
+    x = images(300, size=8)
+    out = Mixup()(x, _zeros(300), torch.Generator().manual_seed(0))
+    a, b, o = x.flatten(1)[:, None], x.flatten(1)[None], out.flatten(1)[:, None]
+    d = a - b  # (i, j): image i minus candidate partner j
+    lam = ((o - b) * d).sum(-1) / d.square().sum(-1).clamp(min=1e-12)
+    residual = (o - b - lam[..., None] * d).norm(dim=-1)
+    residual.fill_diagonal_(float("inf"))
+    partner = residual.argmin(1)
+    i = torch.arange(300)
+    assert (partner != i).all() and (residual[i, partner] < 1e-4).all()
+    weights = lam[i, partner]
+    assert weights.min() >= -1e-4 and weights.max() <= 1 + 1e-4
+    assert abs(weights.mean().item() - 0.5) < 0.1
+
+
+def test_beta_draws_follow_beta_04_04():
+    from scipy import stats
+    draws = _beta(0.4, 0.4, 5000, torch.zeros(1), torch.Generator().manual_seed(0))
+    assert draws.min() >= 0 and draws.max() <= 1
+    assert stats.kstest(draws.numpy(), stats.beta(0.4, 0.4).cdf).pvalue > 1e-4
 
 
 def test_pool_plan_is_the_authors_composition():
@@ -173,7 +303,9 @@ def test_outlier_exposure_fills_outlier_slots_with_auxiliary_images():
     brightness = views[:16].mean((1, 2, 3))
     inlier = variant[0] == 0
     assert (brightness[inlier] < 0.2).all() and (brightness[~inlier] > 0.5).all()
-    assert set(labels.tolist()) <= {0, 1}  # with OE, Rot-SupCon sees one outlier label
+    # with OE, Rot-SupCon sees one outlier label (whatever its value), distinct from the inliers'
+    outlier_labels = set(labels[~inlier].tolist())
+    assert len(outlier_labels) == 1 and not outlier_labels & set(labels[inlier].tolist())
 
 
 def test_training_with_patch_shifts_runs_and_labels_outliers():

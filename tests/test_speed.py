@@ -73,10 +73,25 @@ def test_measure_knn_small_is_exact():
     assert r["knn_vs_sklearn_max_abs_diff"] < 1e-5
 
 
-def test_measure_step_small():
-    r = measure_step("cpu", width=8, batch_size=16, warmup=1, repeats=2)
-    _positive_finite(r, ["encoder_imgs_per_s", "step_imgs_per_s", "step_over_encoder", "peak_memory_mb"])
+BF16_KEYS = ["encoder_imgs_per_s_float32", "step_imgs_per_s_float32", "encoder_imgs_per_s_bf16", "step_imgs_per_s_bf16",
+             "bf16_speedup_encoder", "bf16_speedup_step"]
+
+
+def test_measure_step_small_in_both_precisions():
+    amp = True
+    r = measure_step("cpu", width=8, batch_size=16, amp=amp, warmup=1, repeats=1)
+    _positive_finite(r, ["encoder_imgs_per_s", "step_imgs_per_s", "step_over_encoder", "peak_memory_mb", *BF16_KEYS])
     assert r["model"]["width"] == 8 and r["model"]["head_hidden"] == 512 and r["model"]["head_layers"] == 2
+    main = "bf16" if amp else "float32"  # the plain keys are the precision asked for
+    assert r["encoder_imgs_per_s"] == r[f"encoder_imgs_per_s_{main}"] and r["step_imgs_per_s"] == r[f"step_imgs_per_s_{main}"]
+    assert r["bf16_speedup_step"] == pytest.approx(r["step_imgs_per_s_bf16"] / r["step_imgs_per_s_float32"])
+    assert r["bf16_speedup_encoder"] == pytest.approx(r["encoder_imgs_per_s_bf16"] / r["encoder_imgs_per_s_float32"])
+
+
+def test_measure_step_one_precision_only():
+    r = measure_step("cpu", width=8, batch_size=16, warmup=1, repeats=1, compare_bf16=False)
+    _positive_finite(r, ["encoder_imgs_per_s", "step_imgs_per_s", "step_over_encoder"])
+    assert not set(BF16_KEYS) & set(r)
 
 
 def test_speed_command_writes_json_and_table(tmp_path, monkeypatch, capsys):
@@ -91,10 +106,11 @@ def test_speed_command_writes_json_and_table(tmp_path, monkeypatch, capsys):
     data = json.loads((tmp_path / "s" / "speed.json").read_text())
     _positive_finite(data, ["encoder_imgs_per_s", "step_imgs_per_s", "step_over_encoder", "loss_speedup_vs_dense",
                             "knn_seconds", "matmul_floor_seconds", "sklearn_knn_seconds", "knn_over_floor",
-                            "knn_speedup_vs_sklearn", "peak_memory_mb", "torch_threads"])
+                            "knn_speedup_vs_sklearn", "peak_memory_mb", "torch_threads", *BF16_KEYS])
     for key in ("device_name", "torch", "width", "batch_size", "loss_max_rel_diff_float64", "loss_max_rel_diff_float32"):
         assert key in data
     assert data["width"] == 8 and data["batch_size"] == 16 and data["device"] == "cpu"
+    assert data["amp"] is False and data["step_imgs_per_s"] == data["step_imgs_per_s_float32"]
     assert set(data["targets_met"]) == set(TARGETS)
     out = capsys.readouterr().out
-    assert "img/s" in out and "speed.json" in out
+    assert "img/s" in out and "speed.json" in out and "bf16 autocast / float32" in out

@@ -4,9 +4,11 @@ Train an encoder on normal images only, with synthetic outliers in every batch a
 loss in which all inliers are positives of each other; score new images by their similarity to
 the normal training features.
 """
+from .config import PRESETS, EvalConfig, ModelConfig, Settings, TrainConfig, preset
 from .losses import FIRMLoss, NTXentLoss, SupConLoss
-from .models import Encoder, ModelConfig
-from .training import TrainConfig, Trainer
+from .models import Encoder
+from .training import Trainer
 
-__version__ = "0.1.0"
-__all__ = ["FIRMLoss", "NTXentLoss", "SupConLoss", "Encoder", "ModelConfig", "TrainConfig", "Trainer", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["FIRMLoss", "NTXentLoss", "SupConLoss", "Encoder", "ModelConfig", "TrainConfig", "EvalConfig", "Settings",
+           "PRESETS", "preset", "Trainer", "__version__"]

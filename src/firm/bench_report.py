@@ -1,7 +1,20 @@
-"""The bench report: tables shaped like the paper's, convergence figures and learning curves.
+"""The bench report: tables shaped like the paper's, paired statistics, a budget ladder,
+convergence figures and learning curves.
 
-Everything here is computed from the records of finished runs (``firm.bench.load_records``),
-so the report can be rebuilt at any time, from any subset of shards.
+Everything here is computed from the run results in ``out_dir/runs/*.json``, so the report can
+be rebuilt at any time, from any subset of shards. This module reads those files itself and
+imports neither ``bench`` nor ``cli``.
+
+Methods. A method is a loss, or ``loss/layout`` (e.g. ``firm/concat``, ``firm/pairwise``) when
+runs of one loss use several loss layouts, so a bench comparing layouts reports them apart. FIRM
+in each of its layouts is compared with every other method, paired over the (class, seed) cells
+both ran (``firm.stats``): mean gain with a 95 % hierarchical bootstrap interval, Wilcoxon
+signed-rank p, wins / ties / losses.
+
+Budgets. A run's ``budget`` is its total epochs. When a folder holds several budgets, every
+table is given per budget and a ladder section shows the gain and the speed-up against the
+budget, beside the paper's claims at 2,000 epochs. Runs without ``loss_mode`` / ``budget``
+(older folders) are one layout and one budget, as before.
 """
 from __future__ import annotations
 
@@ -13,17 +26,257 @@ from pathlib import Path
 
 from .data import CLASS_NAMES
 from .evaluation import aulc, epochs_to_reach
-from .serialization import atomic_write, write_json
+from .serialization import atomic_write, read_json, write_json
+from .stats import PairedResult, compare, per_class_summary
 
-__all__ = ["final_aurocs", "learning_curves", "convergence", "write_report", "PAPER_CLAIMS"]
+__all__ = ["final_aurocs", "learning_curves", "convergence", "method_labels", "load_runs", "speedup_log_ratios",
+           "bench_statistics", "read_results", "write_report", "PAPER_CLAIMS", "PAPER_LADDER"]
 
 PAPER_CLAIMS = (
     "The paper (ResNet-18 width 64, 2,000 epochs, batch 32, 5 seeds, official CIFAR-10 files) reports on CIFAR-10 a "
     "mean AUROC gain of FIRM of 6.2 points over NT-Xent and 2 points over Rot-SupCon (up to 16.9 on single classes), "
     "about 12x faster convergence than NT-Xent and 7x faster than Rot-SupCon, and robustness across scoring functions."
 )
+PAPER_LADDER = {"dataset": "cifar10", "budget": 2000, "seeds": 5,
+                "gain_points": {"ntxent": 6.2, "rotsupcon": 2.0}, "speedup": {"ntxent": 12.0, "rotsupcon": 7.0}}
+"""The paper's CIFAR-10 claims as points on the budget ladder (gain in AUROC points, speed-up factor)."""
 LOSS_ORDER = ["firm", "ntxent", "supcon", "rotsupcon"]
-Key = tuple  # (dataset, eval_set, normal_class, loss, seed)
+MODE_ORDER = ["concat", "pairwise"]
+NO_MODELS_FROM_TEST = ("Models are never chosen by test labels: every number is the last epoch's model; the learning "
+                       "curves are recorded for these figures only, never used to pick a model or a stopping epoch.")
+Key = tuple  # (dataset, eval_set, normal_class, method, seed)
+Cell = tuple  # (normal_class, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+def _method(r: dict) -> str:
+    return r.get("method", r["loss"])
+
+
+def _class(c) -> int:
+    """A normal class as a number: newer runs record ``"3"`` or ``"all"``, older ones 3 or -1."""
+    if isinstance(c, str):
+        return -1 if c == "all" else int(c)
+    return c
+
+
+def _loss_rank(loss: str) -> int:
+    return LOSS_ORDER.index(loss) if loss in LOSS_ORDER else len(LOSS_ORDER)
+
+
+def method_labels(records: list[dict]) -> dict[tuple[str, str | None], str]:
+    """``(loss, loss_mode) -> method``: the loss, plus ``/layout`` when runs of that loss use
+    several layouts (a missing layout reads ``unrecorded`` then)."""
+    modes = defaultdict(set)
+    for r in records:
+        modes[r["loss"]].add(r.get("loss_mode"))
+    return {(loss, mode): loss if len(ms) == 1 else f"{loss}/{mode or 'unrecorded'}"
+            for loss, ms in modes.items() for mode in ms}
+
+
+def _method_order(methods) -> list[str]:
+    def rank(m: str):
+        loss, _, mode = m.partition("/")
+        return (_loss_rank(loss), loss, MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
+    return sorted(methods, key=rank)
+
+
+def _is_firm(method: str) -> bool:
+    return method.partition("/")[0] == "firm"
+
+
+def load_runs(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """The run results of a bench folder and all their records, each record given the run's
+    ``loss_mode`` and ``budget`` where it lacks them (None in older folders) and its method label."""
+    runs = [read_json(f, "bench run") for f in sorted((Path(out_dir) / "runs").glob("*.json"))]
+    records = []
+    for run in runs:
+        for r in run.get("records", []):
+            records.append({**r, "loss_mode": r.get("loss_mode", run.get("loss_mode")),
+                            "budget": r.get("budget", run.get("budget"))})
+    labels = method_labels(records)
+    for r in records:
+        r["method"] = labels[(r["loss"], r["loss_mode"])]
+    return runs, records
+
+
+def read_results(path: str | Path) -> dict:
+    """A bench ``results.json``: the current form (a dict with ``records`` and the statistics)
+    or the older one (a bare list of records), always as a dict."""
+    data = json.loads(Path(path).read_text())
+    return {"records": data} if isinstance(data, list) else data
+
+
+def final_aurocs(records: list[dict], scorer: str = "cos1", tta: str = "none") -> dict[Key, float]:
+    """Final AUROC of each run for one scorer and ensemble (records of one budget)."""
+    return {(r["dataset"], r["eval_set"], _class(r["normal_class"]), _method(r), r["seed"]): r["auroc"]
+            for r in records if r["final"] and r["scorer"] == scorer and r["tta"] == tta}
+
+
+def learning_curves(records: list[dict]) -> dict[Key, tuple[list[float], list[float]]]:
+    """cos1 AUROC against epoch for each run (evaluation set)."""
+    points = defaultdict(dict)
+    for r in records:
+        if not r["final"] and r["scorer"] == "cos1" and r["tta"] == "none":
+            points[(r["dataset"], r["eval_set"], _class(r["normal_class"]), _method(r), r["seed"])][r["epoch"]] = r["auroc"]
+    return {k: (sorted(v), [v[e] for e in sorted(v)]) for k, v in points.items()}
+
+
+def convergence(curves: dict[Key, tuple[list[float], list[float]]], final: dict[Key, float],
+                baseline: str = "ntxent") -> dict[str, dict]:
+    """Per method: AULC of each run, and the epochs each run needs to reach the baseline's final
+    AUROC on the same class and seed (``inf`` if it never does)."""
+    out = defaultdict(lambda: {"aulc": [], "epochs": {}})
+    for key, (epochs, values) in curves.items():
+        loss = key[3]
+        if len(epochs) >= 2:
+            out[loss]["aulc"].append(aulc(epochs, values))
+        target_key = key[:3] + (baseline, key[4])
+        if target_key in final:
+            out[loss]["epochs"][key[:3] + key[4:]] = epochs_to_reach(epochs, values, final[target_key])
+    return dict(out)
+
+
+def speedup_log_ratios(firm_curves: dict[Cell, tuple[list, list]], other_curves: dict[Cell, tuple[list, list]],
+                       other_final: dict[Cell, float]) -> tuple[dict[Cell, float], int, int]:
+    """Per (class, seed): ``log(epochs the other method needs / epochs FIRM needs)`` to first
+    reach the other method's final AUROC (linear interpolation between evaluations).
+
+    A ratio's natural paired scale is its log: 2x and 0.5x cancel, and the mean of log-ratios is
+    the log of the geometric-mean speed-up. When FIRM never reaches the target, its epochs count
+    as its last evaluated epoch (the budget): that pair's value is then an upper bound, in FIRM's
+    favour. Pairs where the ratio is undefined (one method needs 0 epochs and the other more, or
+    the other method's curve never reaches its own final AUROC) are left out. Returns the
+    log-ratios, the number of censored pairs and the number left out."""
+    out, censored, undefined = {}, 0, 0
+    for cell in sorted(firm_curves.keys() & other_curves.keys() & other_final.keys()):
+        target = other_final[cell]
+        e_other = epochs_to_reach(*other_curves[cell], target)
+        e_firm = epochs_to_reach(*firm_curves[cell], target)
+        if math.isinf(e_firm):
+            e_firm, censored = float(firm_curves[cell][0][-1]), censored + 1
+        if math.isinf(e_other) or (e_other == 0) != (e_firm == 0):
+            undefined += 1
+            continue
+        out[cell] = 0.0 if e_other == 0 else math.log(e_other / e_firm)
+    return out, censored, undefined
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _budget_groups(records: list[dict]) -> list:
+    budgets = {r.get("budget") for r in records}
+    return sorted(budgets, key=lambda b: (b is None, b if b is not None else 0))
+
+
+def _cells(scores: dict[Key, float], method: str) -> dict[Cell, float]:
+    return {(k[2], k[4]): v for k, v in scores.items() if k[3] == method}
+
+
+def _clean(x):
+    """JSON-safe: non-finite floats as None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _points(x: float) -> str:
+    text = f"{100 * x:+.2f}"
+    return "+0.00" if text == "-0.00" else text
+
+
+def _factor(x: float) -> str:
+    return f"{math.exp(x):.2f}x"
+
+
+def bench_statistics(records: list[dict]) -> dict:
+    """Every paired comparison and per-class summary of a bench, grouped by dataset, evaluation
+    set and budget: ``{"methods", "groups": [{dataset, eval_set, budget, methods, per_class,
+    comparisons: [{method, other, metric, result: PairedResult, ...}]}]}``. Metrics: ``auroc``
+    (final cos1 AUROC, no ensemble), ``aulc`` and ``log_speedup`` (``speedup_log_ratios``)."""
+    methods = _method_order({_method(r) for r in records})
+    groups = []
+    for budget in _budget_groups(records):
+        mine = [r for r in records if r.get("budget") == budget]
+        final = final_aurocs(mine)
+        curves = learning_curves(mine)
+        for dataset, eval_set in sorted({k[:2] for k in final}):
+            fin = {k: v for k, v in final.items() if k[:2] == (dataset, eval_set)}
+            cur = {k: v for k, v in curves.items() if k[:2] == (dataset, eval_set)}
+            present = _method_order({k[3] for k in fin})
+            auroc = {m: _cells(fin, m) for m in present}
+            curve = {m: {(k[2], k[4]): v for k, v in cur.items() if k[3] == m} for m in present}
+            area = {m: {c: aulc(*v) for c, v in curve[m].items() if len(v[0]) >= 2} for m in present}
+            comps = []
+            firms = [m for m in present if _is_firm(m)]
+            for i, f in enumerate(firms):
+                for other in [m for m in present if m != f and m not in firms[:i]]:
+                    entry = dict(method=f, other=other)
+                    for metric, a, b in (("auroc", auroc[f], auroc[other]), ("aulc", area[f], area[other])):
+                        result = compare(a, b)
+                        if result is not None:
+                            comps.append({**entry, "metric": metric, "result": result})
+                    logs, censored, undefined = speedup_log_ratios(curve[f], curve[other], auroc[other])
+                    if logs:
+                        comps.append({**entry, "metric": "log_speedup", "result": compare(logs, {c: 0.0 for c in logs}),
+                                      "censored": censored, "undefined": undefined})
+            groups.append(dict(dataset=dataset, eval_set=eval_set, budget=budget, methods=present,
+                               per_class={m: per_class_summary(auroc[m]) for m in present}, comparisons=comps,
+                               aulc={m: list(area[m].values()) for m in present}))
+    return {"methods": methods, "groups": groups}
+
+
+def _find(group: dict, method: str, other: str, metric: str) -> dict | None:
+    return next((c for c in group["comparisons"]
+                 if (c["method"], c["other"], c["metric"]) == (method, other, metric)), None)
+
+
+def _statistics_json(stats: dict) -> dict:
+    comparisons, per_class = [], []
+    for g in stats["groups"]:
+        where = {"dataset": g["dataset"], "eval_set": g["eval_set"], "budget": g["budget"]}
+        for c in g["comparisons"]:
+            fmt, null = (_factor, "1x") if c["metric"] == "log_speedup" else (_points, "zero")
+            extra = {k: c[k] for k in ("censored", "undefined") if k in c}
+            comparisons.append({**where, "method": c["method"], "other": c["other"], "metric": c["metric"],
+                                **c["result"].to_dict(), **extra, "text": c["result"].text(fmt, null)})
+        for m, classes in g["per_class"].items():
+            per_class += [{**where, "method": m, "normal_class": cls, "mean": mean, "std": std, "seeds": n}
+                          for cls, (mean, std, n) in sorted(classes.items())]
+    return {"comparisons": comparisons, "per_class": per_class}
+
+
+def _ladder_pairs(stats: dict) -> list[tuple[dict, dict]]:
+    """(group, AUROC comparison) of every budget that is recorded."""
+    return [(g, c) for g in stats["groups"] if g["budget"] is not None for c in g["comparisons"]
+            if c["metric"] == "auroc"]
+
+
+def _ladder_json(stats: dict) -> dict | None:
+    budgets = [b for b in _budget_groups([{"budget": g["budget"]} for g in stats["groups"]]) if b is not None]
+    if len(budgets) < 2:
+        return None
+    rows = []
+    for g, c in _ladder_pairs(stats):
+        speed = _find(g, c["method"], c["other"], "log_speedup")
+        rows.append({"dataset": g["dataset"], "eval_set": g["eval_set"], "budget": g["budget"], "method": c["method"],
+                     "other": c["other"], "auroc_gain": c["result"].to_dict(),
+                     "log_speedup": speed["result"].to_dict() if speed else None,
+                     "speedup_censored": speed["censored"] if speed else None})
+    return {"budgets": budgets, "rows": rows, "paper": PAPER_LADDER}
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
 
 
 def _mean_std(values: list[float]) -> str:
@@ -35,7 +288,7 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _mean_cell(class_means: list[float], n_classes: int) -> str:
-    """Bold mean of a loss's per-class AUROCs, naming how many classes it covers when not all."""
+    """Bold mean of a method's per-class AUROCs, naming how many classes it covers when not all."""
     if not class_means:
         return "-"
     cell = f"**{statistics.mean(class_means):.4f}**"
@@ -49,69 +302,192 @@ def _class_name(dataset: str, c: int) -> str:
     return f"{c} {names[c]}" if names and c < len(names) else str(c)
 
 
-def final_aurocs(records: list[dict], scorer: str = "cos1", tta: str = "none") -> dict[Key, float]:
-    return {(r["dataset"], r["eval_set"], r["normal_class"], r["loss"], r["seed"]): r["auroc"]
-            for r in records if r["final"] and r["scorer"] == scorer and r["tta"] == tta}
-
-
-def learning_curves(records: list[dict]) -> dict[Key, tuple[list[float], list[float]]]:
-    """cos1 AUROC against epoch for each run (evaluation set)."""
-    points = defaultdict(dict)
-    for r in records:
-        if not r["final"] and r["scorer"] == "cos1" and r["tta"] == "none":
-            points[(r["dataset"], r["eval_set"], r["normal_class"], r["loss"], r["seed"])][r["epoch"]] = r["auroc"]
-    return {k: (sorted(v), [v[e] for e in sorted(v)]) for k, v in points.items()}
-
-
-def convergence(curves: dict[Key, tuple[list[float], list[float]]], final: dict[Key, float],
-                baseline: str = "ntxent") -> dict[str, dict]:
-    """Per loss: AULC of each run, and the epochs each run needs to reach the baseline's final
-    AUROC on the same class and seed (``inf`` if it never does)."""
-    out = defaultdict(lambda: {"aulc": [], "epochs": {}})
-    for key, (epochs, values) in curves.items():
-        loss = key[3]
-        if len(epochs) >= 2:
-            out[loss]["aulc"].append(aulc(epochs, values))
-        target_key = key[:3] + (baseline, key[4])
-        if target_key in final:
-            out[loss]["epochs"][key[:3] + key[4:]] = epochs_to_reach(epochs, values, final[target_key])
-    return dict(out)
-
-
-def _speedup(conv: dict, loss: str, other: str) -> tuple[float, int]:
-    """Mean epochs of ``other`` over mean epochs of ``loss`` on the runs where both reach the
-    target; returns the factor and the number of such runs."""
-    a, b = conv.get(loss, {}).get("epochs", {}), conv.get(other, {}).get("epochs", {})
-    both = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
-    if not both:
-        return math.nan, 0
-    mean_loss = statistics.mean(a[k] for k in both)
-    return (statistics.mean(b[k] for k in both) / mean_loss if mean_loss > 0 else math.inf), len(both)
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _plot_curves(curves: dict, path: Path, per_class: bool) -> None:
+def _p_cell(r: PairedResult) -> str:
+    if r.p_value is None:
+        return f"- ({r.p_note})"
+    return f"{r.p_value:.3g}" + ("†" if r.p_note else "")
+
+
+P_FLOOR_NOTE = ("† Too few pairs for the test to reach p < 0.05 at all: with n non-tied pairs the smallest two-sided "
+                "Wilcoxon p is 2 / 2^n (0.125 for 4, 0.0625 for 5).")
+
+
+def _ci_cell(r: PairedResult, fmt) -> str:
+    return f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if r.ci_low is not None else "- (one pair)"
+
+
+def _verdict(r: PairedResult, null: str) -> str:
+    v = r.verdict(null)
+    return {f"above {null}": "FIRM ahead", f"below {null}": "FIRM behind"}.get(v, v)
+
+
+def _comparison_table(comps: list[dict], fmt, null: str, value_header: str, speed: bool = False) -> str:
+    header = ["FIRM", "vs", "pairs (classes)", value_header, "95 % CI", "Wilcoxon p", "wins / ties / losses",
+              "best class", "worst class", "verdict"]
+    if speed:
+        header.append("FIRM never reached the target")
+    rows = []
+    for c in comps:
+        r = c["result"]
+        row = [c["method"], c["other"], f"{r.n_pairs} ({r.n_classes})", fmt(r.mean), _ci_cell(r, fmt), _p_cell(r),
+               f"{r.wins} / {r.ties} / {r.losses}", fmt(r.class_best), fmt(r.class_worst), _verdict(r, null)]
+        if speed:
+            row.append(f"{c['censored']} of {r.n_pairs + c['undefined']}")
+        rows.append(row)
+    floor = [P_FLOOR_NOTE] if any(c["result"].p_value is not None and c["result"].p_note for c in comps) else []
+    return "\n\n".join([_table(header, rows)] + floor)
+
+
+STATS_NOTE = (
+    "Paired statistics (`firm.stats`) over the (class, seed) cells both methods ran: the estimate is the mean over "
+    "classes of each class's mean difference; the 95 % interval is a hierarchical percentile bootstrap (10,000 "
+    "resamples of classes with replacement, then of seeds within each drawn class; fixed RNG seed); the Wilcoxon "
+    "signed-rank test (two-sided) runs on the same differences; a difference within 1e-4 is a tie. An interval that "
+    "reaches zero (to within 1e-4) reads \"not distinguishable from zero\". With one seed per class the interval "
+    "reflects the spread over classes only, not seed noise.")
+
+
+def _section_title(dataset: str, eval_set: str, budget, several_budgets: bool) -> str:
+    title = f"{dataset}, {eval_set} set"
+    if several_budgets:
+        title += f", budget {budget} epochs" if budget is not None else ", budget not recorded"
+    return title
+
+
+def _dataset_section(group: dict, records: list[dict], several_budgets: bool) -> list[str]:
+    """The paper-shaped tables and the paired statistics of one dataset, evaluation set and budget."""
+    dataset, eval_set, budget = group["dataset"], group["eval_set"], group["budget"]
+    methods = group["methods"]
+    mine = [r for r in records if r["dataset"] == dataset and r["eval_set"] == eval_set and r.get("budget") == budget]
+    final = final_aurocs(mine)
+    classes = sorted({k[2] for k in final})
+    per_class = group["per_class"]
+    seeds = max((n for m in methods for _, _, n in per_class[m].values()), default=1)
+
+    def cell(m: str, c) -> str:
+        if c not in per_class[m]:
+            return "-"
+        mean, std, n = per_class[m][c]
+        text = f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {std:.4f}"
+        return text if n == seeds else f"{text} ({n} seed{'s' if n != 1 else ''})"
+
+    rows = [[_class_name(dataset, c)] + [cell(m, c) for m in methods] for c in classes]
+    means = {m: [per_class[m][c][0] for c in classes if c in per_class[m]] for m in methods}
+    rows.append(["**mean**"] + [_mean_cell(means[m], len(classes)) for m in methods])
+    title = _section_title(dataset, eval_set, budget, several_budgets)
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    md = [f"## {title}: final AUROC (cos1, no ensemble)", "", f"Per class: {spread}; mean: over classes.", ""]
+    missing = {m: len(classes) - len(means[m]) for m in methods if len(means[m]) < len(classes)}
+    if missing:
+        md += ["Incomplete grid: " + ", ".join(f"{m} lacks {n} of {len(classes)} classes" for m, n in missing.items())
+               + ". Means over different sets of classes do not compare; the gains below use only the classes that "
+               "both methods finished.", ""]
+    runs = {m: sum(n for _, _, n in per_class[m].values()) for m in methods}
+    short = {m: n for m, n in runs.items() if n < max(runs.values()) and m not in missing}
+    if short:
+        md += ["Incomplete grid: " + ", ".join(f"{m} has {n} of {max(runs.values())} runs" for m, n in short.items())
+               + " (some seeds missing); the gains below pair only the (class, seed) cells both methods ran.", ""]
+    md += [_table(["normal class"] + methods, rows), ""]
+    by_metric = defaultdict(list)
+    for c in group["comparisons"]:
+        by_metric[c["metric"]].append(c)
+    if by_metric["auroc"]:
+        md += ["### Gain of FIRM over each other method, in AUROC points", "", STATS_NOTE, "",
+               _comparison_table(by_metric["auroc"], _points, "zero", "mean gain"), ""]
+    srows = []
+    for scorer, tta in sorted({(r["scorer"], r["tta"]) for r in mine if r["final"]}):
+        scores = final_aurocs(mine, scorer, tta)
+        class_means = {m: [statistics.mean(v for k, v in scores.items() if k[2:4] == (c, m))
+                           for c in classes if any(k[2:4] == (c, m) for k in scores)] for m in methods}
+        srows.append([scorer, tta] + [_mean_std(class_means[m]) for m in methods])
+    md += ["### Scorer robustness (mean over classes, ± std across classes)", "",
+           _table(["scorer", "ensemble"] + methods, srows), ""]
+    if any(group["aulc"].values()):
+        md += ["### Convergence", "",
+               "AULC: area under the cos1 AUROC-vs-epoch curve, x scaled to [0, 1], Simpson's rule (epoch 0 = the "
+               "untrained encoder).", "",
+               _table(["method", "AULC (mean ± std over runs)", "runs"],
+                      [[m, _mean_std(group["aulc"][m]), str(len(group["aulc"][m]))] for m in methods]), ""]
+        if by_metric["aulc"]:
+            md += ["Gain of FIRM in AULC (points, paired as above):", "",
+                   _comparison_table(by_metric["aulc"], _points, "zero", "mean AULC gain"), ""]
+        if by_metric["log_speedup"]:
+            md += ["Speed-up of FIRM: for each (class, seed) the target is the other method's final AUROC; the "
+                   "paired quantity is log(epochs the other method needs to first reach it / epochs FIRM needs), "
+                   "shown as a factor (exp of the mean log-ratio: a geometric-mean speed-up; 1x = as fast). Where "
+                   "FIRM never reaches the target its epochs count as the full budget, a bound in FIRM's favour "
+                   "(last column).", "",
+                   _comparison_table(by_metric["log_speedup"], _factor, "1x", "speed-up", speed=True), ""]
+    return md
+
+
+def _ladder_section(stats: dict) -> list[str]:
+    md = ["## Budget ladder: FIRM's gain and speed-up against the training budget", "",
+          "Each budget is its own set of runs (same classes and seeds); gains and speed-ups pair cells within a "
+          "budget. `ladder.png` plots the AUROC gain (95 % interval) and the speed-up against the budget, with the "
+          f"paper's CIFAR-10 claims at {PAPER_LADDER['budget']:,} epochs beside them: whether the trend reaches them "
+          "is an extrapolation for the reader to judge.", ""]
+
+    def order(gc):
+        g, c = gc
+        return g["dataset"], g["eval_set"], c["method"], c["other"], g["budget"]
+
+    rows = []
+    for g, c in sorted(_ladder_pairs(stats), key=order):
+        r = c["result"]
+        speed = _find(g, c["method"], c["other"], "log_speedup")
+        speed_cell = (f"{_factor(speed['result'].mean)} {_ci_cell(speed['result'], _factor)}"
+                      + (f", {speed['censored']} censored" if speed["censored"] else "")) if speed else "-"
+        rows.append([f"{g['dataset']} ({g['eval_set']})", str(g["budget"]), c["method"], c["other"],
+                     f"{r.n_pairs} ({r.n_classes})", f"{_points(r.mean)} {_ci_cell(r, _points)}",
+                     _verdict(r, "zero"), speed_cell])
+    present = {c["other"].partition("/")[0] for g in stats["groups"] for c in g["comparisons"]}
+    for other, gain in PAPER_LADDER["gain_points"].items():
+        if other in present:
+            rows.append([f"{PAPER_LADDER['dataset']} (paper)", f"{PAPER_LADDER['budget']:,}", "firm", other,
+                         f"10 classes x {PAPER_LADDER['seeds']} seeds", f"{gain:+.1f}", "(as reported)",
+                         f"about {PAPER_LADDER['speedup'][other]:.0f}x"])
+    md += [_table(["dataset", "budget (epochs)", "FIRM", "vs", "pairs (classes)", "AUROC gain, points [95 % CI]",
+                   "verdict", "speed-up [95 % CI]"], rows), ""]
+    return md
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _plot_curves(curves: dict, path: Path, per_class: bool) -> None:
+    plt = _pyplot()
     groups = defaultdict(lambda: defaultdict(list))
-    for (dataset, eval_set, cls, loss, _seed), (epochs, values) in curves.items():
+    for (dataset, eval_set, cls, method, _seed), (epochs, values) in curves.items():
         panel = (dataset, eval_set, cls) if per_class else (dataset, eval_set)
-        groups[panel][loss].append((epochs, values))
+        groups[panel][method].append((epochs, values))
     panels = sorted(groups)
     cols = min(5, len(panels)) or 1
     rows = math.ceil(len(panels) / cols) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        for loss in sorted(groups[panel], key=lambda x: LOSS_ORDER.index(x) if x in LOSS_ORDER else 99):
-            runs = groups[panel][loss]
+        for method in _method_order(groups[panel]):
+            runs = groups[panel][method]
             common = sorted(set.intersection(*[set(e) for e, _ in runs]))
             mean = [statistics.mean(v[e.index(x)] for e, v in runs) for x in common]
-            ax.plot(common, mean, marker=".", label=loss if per_class else f"{loss} ({len(runs)} runs)")
+            ax.plot(common, mean, marker=".", label=method if per_class else f"{method} ({len(runs)} runs)")
         title = f"{panel[0]} {_class_name(panel[0], panel[2])}" if per_class else f"{panel[0]} ({panel[1]}), mean"
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
@@ -121,68 +497,67 @@ def _plot_curves(curves: dict, path: Path, per_class: bool) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)
 
 
-def _dataset_section(dataset: str, eval_set: str, records: list[dict], final: dict[Key, float],
-                     curves: dict, losses: list[str]) -> list[str]:
-    """The paper-shaped tables of one dataset and evaluation set."""
-    mine = [r for r in records if r["dataset"] == dataset and r["eval_set"] == eval_set]
-    final = {k: v for k, v in final.items() if k[:2] == (dataset, eval_set)}
-    classes = sorted({k[2] for k in final})
+def _plot_ladder(ladder: dict, path: Path) -> None:
+    """AUROC gain and speed-up (each with its 95 % interval) against the budget, one line per
+    comparison, one row of two panels per dataset and evaluation set; the paper's claims as stars."""
+    plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter
 
-    def per_class(scores: dict[Key, float], c: int, loss: str) -> list[float]:
-        return [v for k, v in scores.items() if k[2:4] == (c, loss)]
+    def bars(line: list[dict], key: str, transform) -> tuple[list, list, list]:
+        mid, low, high = [], [], []
+        for r in line:
+            s = r[key]
+            m = transform(s["mean"])
+            lo = transform(s["ci_low"]) if s["ci_low"] is not None else m
+            hi = transform(s["ci_high"]) if s["ci_high"] is not None else m
+            mid.append(m)
+            low.append(m - lo)
+            high.append(hi - m)
+        return mid, low, high
 
-    rows = [[_class_name(dataset, c)] + [_mean_std(per_class(final, c, loss)) for loss in losses] for c in classes]
-    means = {loss: [statistics.mean(per_class(final, c, loss)) for c in classes if per_class(final, c, loss)]
-             for loss in losses}
-    rows.append(["**mean**"] + [_mean_cell(means[loss], len(classes)) for loss in losses])
-    md = [f"## {dataset}, {eval_set} set: final AUROC (cos1, no ensemble)", ""]
-    missing = {loss: len(classes) - len(means[loss]) for loss in losses if len(means[loss]) < len(classes)}
-    if missing:
-        md += ["Incomplete grid: " + ", ".join(f"{loss} lacks {n} of {len(classes)} classes" for loss, n in missing.items())
-               + ". Means over different sets of classes do not compare; the gains below use only the classes that "
-               "both losses finished.", ""]
-    md += [_table(["normal class"] + losses, rows), ""]
-    if "firm" in losses:
-        gains = []
-        for base in [x for x in losses if x != "firm"]:
-            diffs = [statistics.mean(per_class(final, c, "firm")) - statistics.mean(per_class(final, c, base))
-                     for c in classes if per_class(final, c, "firm") and per_class(final, c, base)]
-            if diffs:
-                gains.append([base, f"{100 * statistics.mean(diffs):+.2f}", f"{100 * max(diffs):+.2f}",
-                              f"{100 * min(diffs):+.2f}", f"{sum(d > 0 for d in diffs)}/{len(diffs)}"])
-        md += ["Gain of FIRM over each baseline, in AUROC points:", "",
-               _table(["baseline", "mean gain", "largest (one class)", "smallest", "classes FIRM wins"], gains), ""]
-    srows = []
-    for scorer, tta in sorted({(r["scorer"], r["tta"]) for r in mine if r["final"]}):
-        scores = final_aurocs(mine, scorer, tta)
-        class_means = {loss: [statistics.mean(per_class(scores, c, loss)) for c in classes if per_class(scores, c, loss)]
-                       for loss in losses}
-        srows.append([scorer, tta] + [_mean_std(class_means[loss]) for loss in losses])
-    md += ["### Scorer robustness (mean over classes, ± std across classes)", "",
-           _table(["scorer", "ensemble"] + losses, srows), ""]
-    mine_curves = {k: v for k, v in curves.items() if k[:2] == (dataset, eval_set)}
-    if mine_curves:
-        conv = convergence(mine_curves, final)
-        crow = []
-        for loss in losses:
-            c = conv.get(loss, {"aulc": [], "epochs": {}})
-            reached = [e for e in c["epochs"].values() if math.isfinite(e)]
-            factor, n = _speedup(conv, "firm", loss) if loss != "firm" else (math.nan, 0)
-            crow.append([loss, _mean_std(c["aulc"]), f"{statistics.mean(reached):.2f}" if reached else "never",
-                         f"{len(reached)}/{len(c['epochs'])}", f"{factor:.2f}x ({n} runs)" if n else "-"])
-        md += ["### Convergence", "",
-               "AULC: area under the cos1 AUROC-vs-epoch curve, x scaled to [0, 1], Simpson's rule (epoch 0 = the "
-               "untrained encoder). Target: each run's NT-Xent final AUROC on the same class and seed. Speed-up of "
-               "FIRM: mean epochs the baseline needs to reach the target / mean epochs FIRM needs (runs where both "
-               "reach it).", "",
-               _table(["loss", "AULC", "mean epochs to target", "runs reaching it", "FIRM speed-up vs this loss"], crow), ""]
-    return md
+    panels = sorted({(r["dataset"], r["eval_set"]) for r in ladder["rows"]})
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12.5, 3.6 * len(panels)), squeeze=False)
+    for (ax_gain, ax_speed), (dataset, eval_set) in zip(axes, panels):
+        rows = [r for r in ladder["rows"] if (r["dataset"], r["eval_set"]) == (dataset, eval_set)]
+        ticks = sorted({r["budget"] for r in rows})
+        colour = {}  # the colour of the first line against each loss: the paper's star for it matches
+        for method, other in sorted({(r["method"], r["other"]) for r in rows}):
+            line = sorted((r for r in rows if (r["method"], r["other"]) == (method, other)), key=lambda r: r["budget"])
+            mid, low, high = bars(line, "auroc_gain", lambda x: 100 * x)
+            drawn = ax_gain.errorbar([r["budget"] for r in line], mid, yerr=[low, high], marker="o", capsize=3,
+                                     label=f"{method} vs {other}")
+            colour.setdefault(other.partition("/")[0], drawn.lines[0].get_color())
+            timed = [r for r in line if r["log_speedup"]]
+            if timed:
+                mid, low, high = bars(timed, "log_speedup", math.exp)
+                ax_speed.errorbar([r["budget"] for r in timed], mid, yerr=[low, high], marker="o", capsize=3,
+                                  color=drawn.lines[0].get_color(), label=f"{method} vs {other}")
+        if dataset == PAPER_LADDER["dataset"]:
+            ticks.append(PAPER_LADDER["budget"])
+            for other, gain in PAPER_LADDER["gain_points"].items():
+                style = dict(marker="*", markersize=13, linestyle="none", color=colour.get(other, "black"),
+                             markeredgecolor="black", label=f"paper: firm vs {other}")
+                ax_gain.plot([PAPER_LADDER["budget"]], [gain], **style)
+                ax_speed.plot([PAPER_LADDER["budget"]], [PAPER_LADDER["speedup"][other]], **style)
+        ax_gain.axhline(0, color="gray", lw=0.8)
+        ax_speed.axhline(1, color="gray", lw=0.8)
+        ax_speed.set_yscale("log")
+        ax_speed.yaxis.set_major_formatter(ScalarFormatter())
+        ax_speed.yaxis.set_minor_formatter(NullFormatter())
+        for ax, ylabel in ((ax_gain, "AUROC gain of FIRM, points (95 % CI)"), (ax_speed, "speed-up of FIRM, x (95 % CI)")):
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.set_xlabel("budget (epochs)", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(f"{dataset} ({eval_set})", fontsize=9)
+            ax.grid(alpha=0.3)
+        ax_speed.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # the same lines in both panels
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def _machines(runs: list[dict]) -> str:
@@ -192,28 +567,59 @@ def _machines(runs: list[dict]) -> str:
     return "; ".join(seen)
 
 
+def _presets(runs: list[dict]) -> list[str]:
+    """The preset of the runs: a name (newer runs, whose full settings are in each run file) or
+    the preset's values (older runs)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in runs:
+        p = r.get("preset")
+        counts[p if isinstance(p, str) else json.dumps(p)] += 1
+    if len(counts) == 1:
+        return [f"Preset: `{next(iter(counts))}`", ""]
+    return [f"Presets ({len(counts)}):", ""] + [f"- `{p}` ({n} runs)" for p, n in counts.items()] + [""]
+
+
 def write_report(out_dir: str | Path, command: str = "") -> Path:
-    """Write ``results.json``, ``report.md``, ``curves.png`` and ``curves_per_class.png``."""
-    from .bench import load_records
+    """Write ``results.json`` (``records``, ``comparisons``, ``per_class``, ``ladder``),
+    ``report.md``, ``curves.png``, ``curves_per_class.png`` and, with several budgets,
+    ``ladder.png``."""
     out = Path(out_dir)
-    runs = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))]
-    records = load_records(out)
-    write_json(out / "results.json", records)
+    runs, records = load_runs(out)
     if not records:
+        write_json(out / "results.json", {"records": [], "comparisons": [], "per_class": [], "ladder": None})
         atomic_write(out / "report.md", "# firm bench\n\nNo finished runs yet.\n")
         return out / "report.md"
-    final = final_aurocs(records)
-    curves = learning_curves(records)
-    losses = sorted({k[3] for k in final}, key=lambda x: LOSS_ORDER.index(x) if x in LOSS_ORDER else 99)
+    stats = bench_statistics(records)
+    ladder = _ladder_json(stats)
+    write_json(out / "results.json", _clean({"records": records, "methods": stats["methods"], **_statistics_json(stats),
+                                             "ladder": ladder}))
     md = ["# firm bench report", ""]
     if command:
         md += [f"Command: `{command}`", ""]
-    wall = sum(r["total_seconds"] for r in runs)
+    wall = sum(r.get("total_seconds", 0.0) for r in runs)
     md += [f"Machine: {_machines(runs)}. Runs: {len(runs)}, total wall time {wall / 3600:.2f} h "
-           f"({wall / max(len(runs), 1) / 60:.1f} min per run).", "",
-           f"Preset: `{json.dumps(runs[0]['preset'])}`", "", f"> {PAPER_CLAIMS}", ""]
-    for dataset, eval_set in sorted({k[:2] for k in final}):
-        md += _dataset_section(dataset, eval_set, records, final, curves, losses)
+           f"({wall / max(len(runs), 1) / 60:.1f} min per run).", ""]
+    md += _presets(runs)
+    modes = defaultdict(set)
+    for r in records:
+        modes[r["method"]].add(r["loss_mode"])
+    named = [m if "/" in m or modes[m] == {None} else f"{m} (layout {next(iter(modes[m]))})" for m in stats["methods"]]
+    md += [f"Methods: {', '.join(named)} (a method is the loss, plus its layout where runs of one loss use several).",
+           "", NO_MODELS_FROM_TEST, "", f"> {PAPER_CLAIMS}", ""]
+    if ladder:
+        md += _ladder_section(stats)
+        _plot_ladder(ladder, out / "ladder.png")
+    elif (out / "ladder.png").exists():  # from an earlier report of this folder; one budget now
+        (out / "ladder.png").unlink()
+    several = len({g["budget"] for g in stats["groups"]}) > 1
+    for group in stats["groups"]:
+        md += _dataset_section(group, records, several)
+    curves = learning_curves(records)
+    if several:  # one line per method and budget
+        curves = {}
+        for b in _budget_groups(records):
+            for k, v in learning_curves([r for r in records if r.get("budget") == b]).items():
+                curves[k[:3] + (f"{k[3]} ({b} ep.)", k[4])] = v
     _plot_curves(curves, out / "curves.png", per_class=False)
     _plot_curves(curves, out / "curves_per_class.png", per_class=True)
     md += ["Learning curves: `curves.png` (mean over classes) and `curves_per_class.png`.", ""]

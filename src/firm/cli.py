@@ -1,101 +1,142 @@
 """The ``firm`` command: one subcommand per job; ``firm SUBCOMMAND --help`` explains each option.
 
-Every subcommand takes ``--config FILE.yaml`` whose keys are its long options (``batch_size``
-or ``batch-size``); options given on the command line override the file.
+The options that are settings are generated from the dataclasses in :mod:`firm.config` (one
+flag per field, choices from the registries), so they are checked when the command line is
+parsed. Values come from the subcommand's preset (``--preset``), then from ``--config
+FILE.yaml`` (the settings, nested as in ``run.json`` or flat by field name, plus any other long
+option of the subcommand), then from the flags given.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
+from dataclasses import fields
 from pathlib import Path
+
+from .config import GROUPS, PRESETS, SettingsError, Settings, apply_overrides, describe, field_type, preset
 
 __all__ = ["main", "build_parser"]
 
-
-def _csv(value) -> list[str]:
-    """A comma-separated string (from a flag) or a list (from YAML) as a list of strings."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
+# Fields whose values name registry entries: their flags get choices, checked at parse time.
+_CHOICES: dict[str, tuple[str, ...]] = {}
 
 
-def _bool(value: str) -> bool:
-    if isinstance(value, bool):
+def _registries() -> dict[str, tuple[str, ...]]:
+    if not _CHOICES:
+        from .features import TTA_MODES
+        from .losses import LOSS_MODES, LOSSES
+        from .models import BACKBONES, STEMS
+        from .scoring import SCORERS
+        from .shifts import SHIFTS
+        from .data import DATASETS
+        _CHOICES.update(loss=tuple(LOSSES), loss_mode=LOSS_MODES, scorer=tuple(SCORERS), tta=tuple(TTA_MODES),
+                        scorers=(*SCORERS, "all"), final_tta=tuple(TTA_MODES), shifts=(*SHIFTS, "auto"),
+                        backbone=tuple(BACKBONES), stem=STEMS, init=("kaiming", "pytorch"), split=("test", "validation"),
+                        dataset=tuple(DATASETS))
+    return _CHOICES
+
+
+def _value_type(name: str, cls: type):
+    """An argparse type for field ``name``: parses, converts and checks choices."""
+    base, is_list, is_tuple, optional = field_type(cls, name)
+    choices = _registries().get(name)
+
+    def convert(text: str):
+        try:
+            value = apply_overrides(Settings(), {name: text})
+        except SettingsError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        value = getattr(getattr(value, [g for g, c in GROUPS.items() if c is cls][0]), name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if choices and name != "dataset":
+            bad = [v for v in items if v not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"invalid choice {', '.join(map(str, bad))} (choose from {', '.join(choices)})")
+        if name == "dataset":
+            from .data import canonical_dataset
+            try:
+                canonical_dataset(value)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
         return value
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")
+    convert.__name__ = "on|off" if base is bool else ("list" if is_list or is_tuple else base.__name__)
+    return convert
+
+
+def _name_list(registry: str):
+    """An argparse type for a comma list of names from one registry."""
+    def convert(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in names if v not in _registries()[registry]]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"invalid choice {', '.join(bad) or 'none'} "
+                                             f"(choose from {', '.join(_registries()[registry])})")
+        return names
+    convert.__name__ = "list"
+    return convert
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _add_settings(p: argparse.ArgumentParser, default_preset: str, groups: tuple[str, ...],
+                  exclude: tuple[str, ...] = ()) -> None:
+    """One flag per settings field of ``groups``; defaults shown are the preset's."""
+    p.add_argument("--preset", choices=list(PRESETS), default=default_preset,
+                   help="named settings to start from; flags override its values")
+    base = PRESETS[default_preset]
+    for group in groups:
+        cls = GROUPS[group]
+        g = p.add_argument_group(f"{group} settings")
+        for f in fields(cls):
+            if f.name in exclude:
+                continue
+            choices = _registries().get(f.name)
+            many = field_type(cls, f.name)[1]
+            extra = f"; {'comma list of' if many else 'one of'}: {', '.join(choices)}" if choices and f.name != "dataset" else ""
+            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                           type=_value_type(f.name, cls),
+                           metavar=_value_type(f.name, cls).__name__.upper() if field_type(cls, f.name)[0] is not bool
+                           else "on|off",
+                           help=f"{describe(f.name)} (preset {default_preset}: {_show(getattr(getattr(base, group), f.name))})"
+                           + extra)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML file with option values (keys are the long options); "
-                   "options on the command line override it")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", metavar="FILE", help="YAML file: settings (nested as in run.json, or flat) and any other "
+                   "long option of this command; flags on the command line override it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are also off when stderr is not a terminal)")
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 (20 superclasses), fashionmnist, mnist or digits")
-    p.add_argument("--data-root", help="folder holding the dataset files (or set FIRM_DATA_ROOT)")
-
-
-def _add_model(p: argparse.ArgumentParser, paper: bool) -> None:
-    g = p.add_argument_group("encoder")
-    g.add_argument("--width", type=int, default=64 if paper else 16, help="ResNet-18 base width (64 = the paper)")
-    g.add_argument("--head-hidden", type=int, default=1024 if paper else 512, help="projection head hidden width")
-    g.add_argument("--head-layers", type=int, default=7 if paper else 2, help="projection head hidden layers")
-    g.add_argument("--head-out", type=int, default=128, help="projection dimension")
-
-
-def _add_training(p: argparse.ArgumentParser, paper: bool) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--loss", default="firm", choices=["firm", "ntxent", "supcon", "rotsupcon"], help="contrastive loss")
-    g.add_argument("--epochs", type=int, default=2000 if paper else 30, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=32 if paper else 64, help="global batch size (inliers + outliers)")
-    g.add_argument("--lr", type=float, default=0.01 if paper else 0.02, help="peak learning rate of the one-cycle schedule")
-    g.add_argument("--tau", type=float, default=0.2, help="temperature of the contrastive loss")
-    g.add_argument("--id-share", type=float, default=None, help="share of inliers per batch (default: the authors' pool, "
-                   "every image once plus once per shift variant, i.e. 1/4 with rotations)")
-    g.add_argument("--shifts", default="rotation", help="synthetic outliers: comma list of rotation, cutpaste, "
-                   "cutpaste_scar, permutation, hflip")
-    g.add_argument("--outlier-dir", help="folder of real outlier images (Outlier Exposure) instead of shifted copies")
-    g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentations, initialisation)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", type=_bool, default=False, metavar="on|off", help="bf16 autocast (pays on recent GPUs)")
-    g.add_argument("--channels-last", type=_bool, default=True, metavar="on|off", help="channels-last memory layout")
-    g.add_argument("--compile", type=_bool, default=False, metavar="on|off", help="torch.compile the encoder")
+_SETTINGS_NAMES = {f.name for cls in GROUPS.values() for f in fields(cls)}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="firm", description="FIRM contrastive anomaly detection: train, score, "
                                      "evaluate, benchmark and export.")
-    from . import __version__
     parser.add_argument("--version", action="version", version=f"firm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train on a dataset's normal class (one-class protocol)",
-                       description="Train an encoder on one class of a standard dataset; writes RUN_DIR/model.safetensors, "
-                       "config.json, bank.safetensors, log.jsonl and checkpoints. Defaults are the paper's setting.")
+    p = sub.add_parser("train", formatter_class=fmt, help="train on a dataset's normal class (one-class protocol)",
+                       description="Train an encoder on one class of a standard dataset into a run folder (settings, "
+                       "log, checkpoints, model). The default preset is `cpu` (minutes per class on a CPU); "
+                       "--preset paper is the authors' 2,000-epoch experiment (days on a CPU, hours on a GPU).")
     _add_common(p)
-    _add_data(p)
-    p.add_argument("--normal-class", default="0", help="class index used as normal, or 'all' (multi-class ID)")
-    p.add_argument("--train-images", type=int, help="train on a seeded subset of this many normal images")
-    p.add_argument("--out", help="run folder to create")
+    p.add_argument("--out", help="run folder to create (must be new or empty unless --overwrite)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the killed run in RUN_DIR with its saved settings")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints (and at the end)")
-    p.add_argument("--eval-every", type=int, default=0, help="log the test-split cos1 AUROC every N epochs "
-                   "(a learning curve for reports; never used to choose the model)")
-    p.add_argument("--sync-bn", type=_bool, default=False, metavar="on|off", help="SyncBatchNorm under torchrun")
-    p.add_argument("--scorer", default="cos1", help="scorer stored for firm score")
-    p.add_argument("--tta", default="none", help="test-time ensemble stored for firm score: none, angled, ensemble")
-    _add_model(p, paper=True)
-    _add_training(p, paper=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    _add_settings(p, "cpu", ("data", "model", "train", "eval"), exclude=("ood",))
 
-    p = sub.add_parser("evaluate", help="AUROC of a trained model on its test split or on labelled folders",
+    p = sub.add_parser("evaluate", formatter_class=fmt, help="AUROC of a trained model on its test split or on folders",
                        description="Writes results.json (records with loss, scorer, tta, auroc) and per-image scores.csv.")
     _add_common(p)
     p.add_argument("run_dir", nargs="?", help="run folder written by firm train (scored on its dataset's test split)")
@@ -103,100 +144,125 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normal-dir", nargs="+", help="folder(s) of normal test images")
     p.add_argument("--anomaly-dir", nargs="+", help="folder(s) of anomalous test images")
     p.add_argument("--data-root", help="override the data root stored in the run")
-    p.add_argument("--scorers", default=None, help="comma list of scorers (default: all)")
-    p.add_argument("--tta", default="none,angled", help="comma list of test-time ensembles: none, angled, ensemble")
+    p.add_argument("--ood", help="comma list of OOD datasets or folders, for a run trained on every class")
+    p.add_argument("--scorers", default="all", type=_value_type("scorers", GROUPS["eval"]), help="comma list of scorers")
+    p.add_argument("--tta", default="none,angled", type=_value_type("final_tta", GROUPS["eval"]),
+                   help="comma list of test-time ensembles")
     p.add_argument("--out", help="folder for results.json and scores.csv (default: the run or model folder)")
 
-    p = sub.add_parser("demo", help="FIRM vs NT-Xent on scikit-learn's digits, no files needed (a few minutes on a CPU)")
+    p = sub.add_parser("demo", formatter_class=fmt, help="FIRM vs NT-Xent on scikit-learn's digits, no files needed",
+                       description="Every digit in turn is the normal class; FIRM and NT-Xent with the demo preset. "
+                       "Resumable: a rerun skips finished runs.")
     _add_common(p)
-    p.add_argument("--out", default="runs/demo", help="folder for results.json")
-    p.add_argument("--epochs", type=int, default=8, help="epochs per run")
+    p.add_argument("--out", default="runs/demo", help="folder for the runs and results.json")
+    p.add_argument("--epochs", type=int, default=PRESETS["demo"].train.epochs, help="epochs per run")
 
-    p = sub.add_parser("bench", help="the paper's comparison: classes x losses x seeds, resumable",
-                       description="Train every class x loss x seed with the identical budget, record learning curves and "
-                       "all scorers, and write results.json, report.md and curves.png. Rerunning skips finished runs.")
+    p = sub.add_parser("bench", formatter_class=fmt, help="the paper's comparison: classes x losses x seeds, resumable",
+                       description="Train every class x loss x seed (x budget) with identical settings, record learning "
+                       "curves and all scorers, and write results.json, report.md and plots. Rerunning skips finished "
+                       "runs. Settings flags override the preset for every run of the grid.")
     _add_common(p)
-    _add_data(p)
     p.add_argument("--classes", help="comma list of normal classes (default: all); 'all' alone = multi-class ID")
-    p.add_argument("--losses", default="firm,ntxent,supcon,rotsupcon", help="comma list of losses")
+    p.add_argument("--losses", default="firm,ntxent,supcon,rotsupcon", type=_name_list("loss"),
+                   help=f"comma list of losses: {', '.join(_registries()['loss'])}")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="budget and architecture preset")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset entries, e.g. epochs=4")
-    p.add_argument("--split", default="test", choices=["test", "validation"],
-                   help="evaluate on the test split, or on a validation split of the training data (for tuning)")
-    p.add_argument("--ood", help="comma list of OOD datasets or folders (multi-class-ID setting, with --classes all)")
-    p.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (share the grid)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--epochs-ladder", help="comma list of budgets (epochs): the same grid at each budget")
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (for job arrays)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once in worker processes on this machine")
+    p.add_argument("--threads", type=int, help="threads per job (default: the cores divided among the jobs)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved settings and the grid, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     p.add_argument("--out", default="runs/bench", help="bench folder")
+    _add_settings(p, "cpu", ("data", "model", "train", "eval"), exclude=("normal_class", "seed", "loss"))
 
-    p = sub.add_parser("speed", help="measure training-step, loss and kNN throughput; writes speed.json")
+    p = sub.add_parser("speed", formatter_class=fmt, help="measure training-step, loss and kNN throughput; writes speed.json")
     _add_common(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--width", type=int, default=16, help="encoder width")
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
-    p.add_argument("--amp", type=_bool, default=False, metavar="on|off", help="bf16 autocast")
+    p.add_argument("--amp", type=_value_type("amp", GROUPS["train"]), default=False, metavar="on|off", help="bf16 autocast")
     p.add_argument("--head", default="cpu", choices=["cpu", "paper"], help="projection head: the cpu preset's or the paper's")
     p.add_argument("--out", default="runs/speed", help="folder for speed.json")
 
-    p = sub.add_parser("fit", help="train a detector on a folder of normal images",
+    p = sub.add_parser("fit", formatter_class=fmt, help="train a detector on a folder of normal images",
                        description="Fit a FIRMDetector on normal images (folders searched recursively; any size, grey or "
-                       "colour) and save it to --out. A share of the images is held out to set the threshold.")
+                       "colour) into a model folder. A share of the images is held out to set the threshold. A killed "
+                       "fit continues with --resume MODEL.")
     _add_common(p)
     p.add_argument("--normal-dir", nargs="+", help="folder(s) or files of normal images")
-    p.add_argument("--out", help="model folder to write")
-    p.add_argument("--image-size", type=int, default=32, help="side images are resized to")
-    p.add_argument("--scorer", default="cos1", help="scorer")
-    p.add_argument("--tta", default="none", help="test-time ensemble: none, angled, ensemble")
-    p.add_argument("--target-fpr", type=float, default=0.05, help="share of held-out normal images above the threshold")
-    p.add_argument("--contamination", type=float, help="expected share of anomalies (sets the threshold instead)")
-    p.add_argument("--holdout", type=float, default=0.1, help="share of normal images held out for the threshold")
-    _add_model(p, paper=False)
-    _add_training(p, paper=False)
+    p.add_argument("--out", help="model folder to write (must be new or empty unless --overwrite)")
+    p.add_argument("--resume", metavar="MODEL_DIR", help="continue the killed fit in MODEL_DIR with its saved settings")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
+    _add_settings(p, "detector", ("model", "train", "eval", "detector"))
+    p.add_argument("--outlier-dir", help="folder of real outlier images (Outlier Exposure) instead of shifted copies")
 
-    p = sub.add_parser("score", help="score images with a model; CSV ranked by anomaly score")
+    p = sub.add_parser("score", formatter_class=fmt, help="score images with a model; CSV ranked by anomaly score")
     _add_common(p)
     p.add_argument("--model", help="model folder")
     p.add_argument("inputs", nargs="*", help="image files or folders")
-    p.add_argument("--out", default="scores.csv", help="CSV to write (path, score, is_anomaly)")
+    p.add_argument("--out", default="scores.csv", help="CSV to write (rank, path, score, flagged)")
     p.add_argument("--threshold", type=float, help="override the model's threshold")
 
-    p = sub.add_parser("report", help="HTML report with ROC, histograms, learning curve, image grids, embedding map")
+    p = sub.add_parser("report", formatter_class=fmt, help="HTML report: ROC, histograms, learning curve, images, embedding")
     _add_common(p)
     p.add_argument("run_dir", nargs="?", help="run or model folder (with scores.csv from firm evaluate, if any)")
     p.add_argument("--out", help="report folder (default: RUN_DIR/report)")
 
-    p = sub.add_parser("export", help="export the encoder to ONNX with its feature bank, and check parity")
+    p = sub.add_parser("export", formatter_class=fmt, help="export the encoder to ONNX with its feature bank, check parity")
     _add_common(p)
     p.add_argument("--model", help="model folder")
     p.add_argument("--out", help="export folder (default: MODEL/onnx)")
     return parser
 
 
-def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse, then re-parse with the YAML file's values as defaults of the chosen subcommand."""
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Settings | None]:
+    """Parse the command line; return the options and, for commands with settings, the settings
+    (preset, then YAML, then flags)."""
     args = parser.parse_args(argv)
-    if not getattr(args, "config", None):
-        return args
-    import yaml
-    path = Path(args.config)
-    if not path.is_file():
-        parser.error(f"--config {path}: no such file")
+    if not args.command:
+        return args, None
+    sub = _subparser(parser, args.command)
+    dests = {a.dest for a in sub._actions}
+    yaml_settings: dict = {}
+    if getattr(args, "config", None):
+        import yaml
+        path = Path(args.config)
+        if not path.is_file():
+            parser.error(f"--config {path}: no such file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            parser.error(f"--config {path} is not valid YAML: {e}")
+        if not isinstance(values, dict):
+            parser.error(f"--config {path} must be a mapping of option names to values")
+        options = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name in GROUPS and isinstance(value, dict):
+                yaml_settings.update({k: v for k, v in value.items() if k in dests})
+                unknown = sorted(set(value) - dests)
+                if unknown:
+                    parser.error(f"--config {path}: firm {args.command} has no setting(s) {', '.join(unknown)}")
+            elif name in dests and name not in ("config", "command"):
+                (yaml_settings if name in _SETTINGS_NAMES else options)[name] = value
+            else:
+                parser.error(f"--config {path}: unknown option {key!r} for firm {args.command}")
+        sub.set_defaults(**options)
+        args = parser.parse_args(argv)
+    if "preset" not in dests:
+        return args, None
+    given = {k: v for k, v in vars(args).items() if k in _SETTINGS_NAMES and v is not None}
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        parser.error(f"--config {path} is not valid YAML: {e}")
-    if not isinstance(values, dict):
-        parser.error(f"--config {path} must be a mapping of option names to values")
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    subparser = subparsers.choices[args.command]
-    dests = {a.dest for a in subparser._actions}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - dests - {"config"})
-    if unknown:
-        parser.error(f"--config {path}: unknown option(s) {', '.join(unknown)} for firm {args.command}")
-    subparser.set_defaults(**values)
-    return parser.parse_args(argv)
+        settings = apply_overrides(apply_overrides(preset(args.preset), yaml_settings), given)
+    except SettingsError as e:
+        parser.error(str(e))
+    args.given_settings = given
+    return args, settings
 
 
 def _require(args, *names: str) -> None:
@@ -206,83 +272,157 @@ def _require(args, *names: str) -> None:
         raise SystemExit(f"firm {args.command}: missing {flag} (give it on the command line or in --config)")
 
 
-def _model_config(args):
-    from .models import ModelConfig
-    return ModelConfig(width=args.width, head_hidden=args.head_hidden, head_layers=args.head_layers,
-                       head_out=args.head_out, image_size=getattr(args, "image_size", 32))
+def _progress(args) -> bool:
+    """Progress bars only on a terminal: a log file gets no carriage returns or cursor moves."""
+    return not args.quiet and sys.stderr.isatty()
 
 
-def cmd_train(args) -> None:
-    from .runs import train_run
-    from .training import TrainConfig
+def _check_resume_flags(args, saved: Settings) -> None:
+    """A resumed run keeps its settings: refuse flags that would change them, naming each."""
+    conflicts = []
+    for name, value in args.given_settings.items():
+        current = getattr(getattr(saved, [g for g, c in GROUPS.items() if name in {f.name for f in fields(c)}][0]), name)
+        if value != current:
+            conflicts.append(f"--{name.replace('_', '-')} {_show(value)} (the run has {_show(current)})")
+    if conflicts:
+        raise ValueError(f"--resume keeps the run's saved settings; drop {'; '.join(conflicts)}, "
+                         "or start a new run folder")
+
+
+def cmd_train(args, settings: Settings) -> None:
+    from .detector import FIRMDetector
+    from .rundir import prepare_output, read_run_settings, train_files, write_run_settings
+    from .runner import run, validate
     if args.resume:
-        path = train_run(args.resume, resume=True, progress=not args.quiet)
+        out = prepare_output(args.resume, resume=True, flag="--resume")
+        settings, _ = read_run_settings(out)
+        _check_resume_flags(args, settings)
     else:
         _require(args, "out")
-        cfg = TrainConfig(loss=args.loss, tau=args.tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          id_share=args.id_share, shifts=_csv(args.shifts), seed=args.seed, device=args.device,
-                          amp=args.amp, channels_last=args.channels_last, compile=args.compile, sync_bn=args.sync_bn,
-                          checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
-        normal = args.normal_class if str(args.normal_class) == "all" else int(args.normal_class)
-        data = {"dataset": args.dataset, "data_root": args.data_root, "normal_class": normal,
-                "train_images": args.train_images, "outlier_dir": args.outlier_dir}
-        path = train_run(args.out, data, _model_config(args), cfg, {"scorer": args.scorer, "tta": args.tta},
-                         progress=not args.quiet)
+        validate(settings)
+        if args.preset == "paper" and settings.train.device in ("auto", "cpu"):
+            from .training import resolve_device
+            if resolve_device(settings.train.device).type == "cpu":
+                print("note: --preset paper is the authors' 2,000-epoch width-64 run; on a CPU it takes days "
+                      "(use --preset cpu for minutes)", file=sys.stderr)
+        out = prepare_output(args.out, overwrite=args.overwrite)
+        write_run_settings(out, settings)
+    outcome = run(settings, files=train_files(out), resume=bool(args.resume), final_eval=False,
+                  progress=_progress(args))
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"model written to {path}")
+        settings.train = outcome.trained.train
+        FIRMDetector.from_encoder(outcome.trained.encoder, outcome.data.normal.images, settings,
+                                  outcome.trained.history, progress=_progress(args)).save(out)
+        print(f"model written to {out}")
 
 
 def cmd_evaluate(args) -> None:
-    from .runs import evaluate_run
-    records = evaluate_run(args.run_dir, args.model, args.normal_dir, args.anomaly_dir, args.data_root,
-                           _csv(args.scorers) or None, _csv(args.tta), args.out, progress=not args.quiet)
+    from .detector import evaluate_model
+    records = evaluate_model(args.run_dir, args.model, args.normal_dir, args.anomaly_dir, args.data_root,
+                             [s.strip() for s in (args.ood or "").split(",") if s.strip()], args.scorers, args.tta,
+                             args.out, progress=_progress(args))
     width = max(len(r["scorer"]) for r in records)
     for r in records:
-        print(f"{r['scorer']:{width}s}  {r['tta']:8s}  AUROC {r['auroc']:.4f}")
+        print(f"{r.get('eval_set', ''):10s} {r['scorer']:{width}s}  {r['tta']:8s}  AUROC {r['auroc']:.4f}")
     print(f"results.json and scores.csv written to {args.out or args.run_dir or args.model}")
 
 
 def cmd_demo(args) -> None:
-    from .runs import demo
-    demo(args.out, args.epochs, progress=not args.quiet)
+    from .bench import plan_grid, run_grid
+    from .serialization import write_json
+    settings = apply_overrides(preset("demo"), {"epochs": args.epochs})
+    specs = plan_grid(settings, ["digits"], None, ["firm", "ntxent"], [0])
+    results = run_grid(specs, settings, args.out, "demo", progress=_progress(args),
+                       log=lambda m: None if m.startswith("skip") else print(m))
+    final = {(r["loss"], r["normal_class"]): x["auroc"] for r in results for x in r["records"]
+             if x["final"] and x["scorer"] == "cos1" and x["tta"] == "none"}
+    means = {loss: sum(v for (k, _), v in final.items() if k == loss) / 10 for loss in ("firm", "ntxent")}
+    seconds = sum(r["total_seconds"] for r in results)
+    write_json(Path(args.out) / "results.json", [x for r in results for x in r["records"]])
+    print(f"\nmean cos1 AUROC over 10 digits ({args.epochs} epochs each, {seconds:.0f} s of training and scoring): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    print(f"results written to {Path(args.out) / 'results.json'}")
 
 
-def cmd_bench(args) -> None:
-    from .bench import bench_command
-    bench_command(args)
+def cmd_bench(args, settings: Settings) -> None:
+    from .bench import plan_grid, run_grid
+    from .bench_report import write_report
+    from .config import dump_yaml
+    from .losses import resolve_mode
+    classes = None if not args.classes else [c.strip() for c in args.classes.split(",") if c.strip()]
+    budgets = [int(b) for b in args.epochs_ladder.split(",")] if args.epochs_ladder else None
+    i, _, n = args.shard.partition("/")
+    try:
+        shard = (int(i), int(n or 1))
+    except ValueError:
+        raise ValueError(f"--shard expects i/n, e.g. 0/4; got {args.shard!r}") from None
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    specs = plan_grid(settings, [settings.data.dataset], classes, args.losses, seeds, budgets, shard)
+    if args.dry_run:
+        print(f"# firm bench --preset {args.preset}: resolved settings (losses, seeds, classes and budgets vary per run)")
+        print(dump_yaml(settings))
+        print("# layout per loss: " + ", ".join(f"{loss} {resolve_mode(loss, settings.train.loss_mode)}"
+                                                for loss in args.losses))
+        print(f"# {len(specs)} runs in this shard: " + " ".join(s.key for s in specs))
+        return
+    out = Path(args.out)
+    if not args.report_only:
+        run_grid(specs, settings, out, args.preset, jobs=args.jobs, threads=args.threads, progress=_progress(args))
+    command = "firm " + " ".join(a for a in sys.argv[1:] if a != "--report-only") if sys.argv else ""
+    print(f"report written to {write_report(out, command=command)}")
 
 
 def cmd_speed(args) -> None:
-    from .speed import speed_command
-    speed_command(args)
+    from .serialization import write_json
+    from .speed import format_table, run_speed
+    result = run_speed(args.device, args.width, args.batch_size, bool(args.amp), args.head)
+    path = Path(args.out) / "speed.json"
+    write_json(path, result)
+    print(format_table(result))
+    print(f"written to {path}")
 
 
-def cmd_fit(args) -> None:
+def cmd_fit(args, settings: Settings) -> None:
     from .detector import FIRMDetector
-    _require(args, "normal_dir", "out")
-    det = FIRMDetector(loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, width=args.width,
-                       head_hidden=args.head_hidden, head_layers=args.head_layers, image_size=args.image_size,
-                       shifts=args.shifts, id_share=args.id_share, scorer=args.scorer, tta=args.tta,
-                       target_fpr=args.target_fpr, contamination=args.contamination, holdout=args.holdout,
-                       seed=args.seed, device=args.device, progress=not args.quiet)
-    det.fit(args.normal_dir, outliers=args.outlier_dir)
-    det.save(args.out)
-    print(f"detector trained on {len(det.train_paths_)} images, threshold {det.threshold_}, written to {args.out}")
+    from .rundir import prepare_output, read_run_settings, write_run_settings
+    if args.resume:
+        out = prepare_output(args.resume, resume=True, flag="--resume")
+        settings, extra = read_run_settings(out)
+        _check_resume_flags(args, settings)
+        normal_dirs, outlier_dir = extra["normal_dir"], extra.get("outlier_dir")
+    else:
+        _require(args, "normal_dir", "out")
+        FIRMDetector(settings)._resolved()  # refuse bad settings before anything is read or written
+        out = prepare_output(args.out, overwrite=args.overwrite)
+        normal_dirs, outlier_dir = [str(Path(p).resolve()) for p in args.normal_dir], args.outlier_dir
+        write_run_settings(out, settings, {"normal_dir": normal_dirs, "outlier_dir": outlier_dir})
+    det = FIRMDetector(settings, progress=_progress(args))
+    det.fit(normal_dirs, outliers=outlier_dir, run_dir=out, resume=bool(args.resume))
+    det.save(out)
+    threshold = "none" if det.threshold_ is None else f"{det.threshold_:.4g}"
+    for note in det.notes_:
+        print(note)
+    print(f"detector trained on {len(det.train_paths_)} images at {det.settings_.model.image_size} px, "
+          f"threshold {threshold}, written to {out}")
 
 
 def cmd_score(args) -> None:
-    from .detector import score_to_csv
+    from .detector import FIRMDetector, score_to_csv
+    from .rundir import check_output_file
     _require(args, "model", "inputs")
-    rows = score_to_csv(args.model, args.inputs, args.out, args.threshold, progress=not args.quiet)
-    flagged = sum(r["is_anomaly"] for r in rows)
-    print(f"{len(rows)} images scored, {flagged} above the threshold; ranked CSV written to {args.out}")
+    out = check_output_file(args.out)
+    det = FIRMDetector.load(args.model, progress=_progress(args))
+    if args.threshold is not None:
+        det.set_threshold(args.threshold)
+    rows = score_to_csv(det, args.inputs, out)
+    flagged = sum(r["flagged"] for r in rows)
+    print(f"{len(rows)} images scored, {flagged} above the threshold; ranked CSV written to {out}")
 
 
 def cmd_report(args) -> None:
     from .report import build_report
     _require(args, "run_dir")
-    path = build_report(args.run_dir, args.out, progress=not args.quiet)
-    print(f"report written to {path}")
+    print(f"report written to {build_report(args.run_dir, args.out, progress=_progress(args))}")
 
 
 def cmd_export(args) -> None:
@@ -296,17 +436,28 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "ben
             "fit": cmd_fit, "score": cmd_score, "report": cmd_report, "export": cmd_export}
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line for the user, without the source line that raised them."""
+    return f"firm: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line
     parser = build_parser()
-    args = _apply_config(parser, sys.argv[1:] if argv is None else argv)
+    args, settings = _parse(parser, sys.argv[1:] if argv is None else argv)
     if not args.command:
         parser.print_help()
         return 2
     from .serialization import ModelFileError
     from .training import TrainingError
     try:
-        COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, ModelFileError, TrainingError) as e:
+        command = COMMANDS[args.command]
+        command(args, settings) if settings is not None else command(args)
+    except KeyboardInterrupt:
+        hint = " (continue with --resume)" if args.command in ("train", "fit") else ""
+        print(f"\nfirm {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, ModelFileError, TrainingError) as e:
         print(f"firm {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

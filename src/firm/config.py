@@ -92,6 +92,8 @@ class ModelConfig(_Group):
     """weight initialisation: kaiming (the authors': fan_out normal, BN weight 1 bias 0) or pytorch (PyTorch's defaults)"""
     weights: str | None = None
     """pretrained backbone weights to start from: a torchvision-layout state dict (.safetensors, or .pth read with weights_only)"""
+    frozen_stages: int = 0
+    """keep the stem and the first k of the 4 ResNet stages frozen (no gradient, BatchNorm statistics fixed); 0 = train all"""
 
 
 @dataclass

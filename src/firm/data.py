@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "ImageSet", "DATASETS", "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images",
+    "ImageSet", "DATASETS", "canonical_dataset",
+    "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images",
     "load_image_folder", "find_images", "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
 ]
 
@@ -254,17 +255,44 @@ DATASETS = {
 }
 
 
+def canonical_dataset(name: str) -> str:
+    """The registry name of dataset ``name`` (case, dashes and underscores ignored), or an
+    existing image folder as given; an error that lists the choices otherwise."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key in DATASETS:
+        return key
+    if Path(name).is_dir():
+        return name
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or give an image folder")
+
+
 def load_dataset(name: str, data_root: str | os.PathLike | None = None, size: int = 32,
                  channels: int = 3) -> tuple[ImageSet, ImageSet]:
     """Train and test split of dataset ``name``, converted to ``channels x size x size``."""
-    key = name.lower().replace("-", "").replace("_", "")
+    key = canonical_dataset(name)
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or use an image folder")
+        raise ValueError(f"{name} is an image folder, not a dataset with train and test splits")
     root = None if key == "digits" else resolve_data_root(data_root)
     train, test = DATASETS[key](root)
     for s in (train, test):
         s.images = resize_images(s.images, size, channels)
     return train, test
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, sorted, following symbolic links to folders; a link that
+    leads back to a folder already being searched is skipped, so links cannot loop."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+                  and (Path(root) / f).is_file()]
+    return sorted(found)
 
 
 def find_images(paths: list[str | os.PathLike] | str | os.PathLike) -> list[Path]:
@@ -274,7 +302,7 @@ def find_images(paths: list[str | os.PathLike] | str | os.PathLike) -> list[Path
     found = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found += _walk_images(p)
         elif p.is_file():
             found.append(p)
         else:
@@ -292,6 +320,8 @@ def load_image_folder(paths, size: int = 32, channels: int = 3, label: int = 0, 
     """
     from PIL import Image, UnidentifiedImageError
 
+    if size < 1:
+        raise ValueError(f"image size must be a positive number of pixels, got {size}")
     files = find_images(paths)
     images, kept, bad = [], [], []
     for f in files:
@@ -356,3 +386,98 @@ def validation_split(train: ImageSet, normal_class: int, holdout: float = 0.1, a
     val = train.subset(torch.cat([normal_idx[:n_val], other_idx]))
     is_anomaly = torch.cat([torch.zeros(n_val, dtype=torch.long), torch.ones(len(other_idx), dtype=torch.long)])
     return train.subset(normal_idx[n_val:]), val, is_anomaly
+
+
+def _mask_candidates(mask_dir: Path, image: Path) -> list[Path]:
+    """Mask files for ``image`` in ``mask_dir``: ``<folder>/<stem>[_mask].<ext>`` with the image's
+    own folder name (MVTec AD's ground_truth/<defect>/), else ``<stem>[_mask].<ext>`` (flat)."""
+    for folder in (mask_dir / image.parent.name, mask_dir):
+        found = [folder / f"{image.stem}{tail}{ext}" for tail in ("_mask", "") for ext in IMAGE_EXTENSIONS]
+        found = [f for f in found if f.is_file() and f.resolve() != image.resolve()]
+        if found:
+            return found
+    return []
+
+
+def _read_mask(path: Path, image: Path, size: int) -> np.ndarray:
+    """Mask file as 0/1 uint8 ``(size, size)``: non-zero pixels are defect; resized as the image is
+    (bilinear, antialiased) and thresholded at half, so a thin defect keeps about its area."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        m = np.asarray(im.convert("L")) > 0
+    if image.is_file():
+        with Image.open(image) as im:
+            iw, ih = im.size
+        if abs(m.shape[1] / m.shape[0] - iw / ih) > 0.02 * iw / ih:
+            raise ValueError(f"mask {path} is {m.shape[1]} x {m.shape[0]} px but its image {image} is {iw} x {ih}: "
+                             "the shapes differ, so the mask cannot be aligned with the image")
+    t = torch.from_numpy(m.astype(np.float32))[None, None]
+    t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (t[0, 0] >= 0.5).numpy().astype(np.uint8)
+
+
+def read_masks(paths: list[str | os.PathLike], mask_dir: str | os.PathLike, size: int,
+               is_anomaly: Tensor | np.ndarray | list[int] | None = None) -> Tensor:
+    """Ground-truth masks of the images at ``paths``, as uint8 ``(N, size, size)`` holding 0 / 1.
+
+    A mask is matched to an image by name: ``mask_dir/<image's folder>/<stem>_mask.png`` (the
+    MVTec AD layout, ground_truth/<defect>/000_mask.png for test/<defect>/000.png), else
+    ``mask_dir/<stem>_mask.png``; ``<stem>.png`` and other image extensions are accepted too. An
+    image with no mask is defect-free (all zeros) when ``is_anomaly`` says it is normal; a
+    defective one with no mask is an error that names it. Without ``is_anomaly`` an image with
+    no mask is taken as defect-free, but at least one mask must match.
+    """
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise FileNotFoundError(f"mask folder {mask_dir} does not exist or is not a folder")
+    labels = None if is_anomaly is None else [int(v) for v in np.asarray(is_anomaly).ravel()]
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} images")
+    out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    matched = 0
+    for i, p in enumerate(map(Path, paths)):
+        found = _mask_candidates(mask_dir, p)
+        if len(found) > 1:
+            raise ValueError(f"image {p} has {len(found)} masks in {mask_dir} ({', '.join(map(str, found))}); keep one")
+        if found:
+            out[i] = _read_mask(found[0], p, size)
+            matched += 1
+        elif labels is not None and labels[i]:
+            raise FileNotFoundError(f"defect image {p} has no mask in {mask_dir}: expected "
+                                    f"{mask_dir / p.parent.name / (p.stem + '_mask.png')} or "
+                                    f"{mask_dir / (p.stem + '_mask.png')}")
+    if labels is None and paths and not matched:
+        raise FileNotFoundError(f"no mask in {mask_dir} matches any of the {len(paths)} images by name "
+                                f"(expected e.g. {mask_dir / (Path(paths[0]).stem + '_mask.png')})")
+    return torch.from_numpy(out)
+
+
+def load_defect_dataset(root: str | os.PathLike, size: int = 256,
+                        channels: int = 3) -> tuple[ImageSet, ImageSet, Tensor, Tensor | None]:
+    """A folder in the MVTec AD layout: ``train/good/``, ``test/good/``, ``test/<defect>/`` and,
+    optionally, ``ground_truth/<defect>/<stem>_mask.png``.
+
+    Returns ``(train, test, is_anomaly, masks)``: the normal training images, the test images
+    (good first, then each defect folder in name order; labels 0 good, 1 defect; with paths),
+    ``is_anomaly`` (the same 0 / 1) and the masks as uint8 0 / 1 ``(N, size, size)``, all zero
+    for good images, or None when the folder has no ``ground_truth/``. A defect image without a
+    mask is an error that names it.
+    """
+    root = Path(root)
+    train_dir, test_dir = root / "train" / "good", root / "test"
+    if not train_dir.is_dir() or not test_dir.is_dir():
+        raise FileNotFoundError(f"{root} is not in the MVTec AD layout: expected {train_dir}/ and {test_dir}/ "
+                                "(test/good/ and one folder per defect kind, optional ground_truth/<defect>/)")
+    kinds = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name != "good")
+    folders = ([test_dir / "good"] if (test_dir / "good").is_dir() else []) + [test_dir / k for k in kinds]
+    if not folders:
+        raise FileNotFoundError(f"{test_dir} holds no good/ or defect folders")
+    train = load_image_folder(train_dir, size, channels, label=0, name=root.name)
+    parts = [load_image_folder(f, size, channels, label=int(f.name != "good"), name=f.name) for f in folders]
+    test = ImageSet(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts]), ["good", "defect"],
+                    root.name, [p for s in parts for p in s.paths])
+    train.classes = ["good", "defect"]
+    is_anomaly = test.labels.clone()
+    masks = read_masks(test.paths, root / "ground_truth", size, is_anomaly) if (root / "ground_truth").is_dir() else None
+    return train, test, is_anomaly, masks

@@ -1,6 +1,6 @@
 """A detector for your own images, in the scikit-learn / PyOD style.
 
-    det = FIRMDetector(epochs=30).fit("normal_images/")      # folder, paths, array or tensor
+    det = FIRMDetector.from_preset("detector", epochs=30).fit("normal_images/")  # folder, paths, array
     det.decision_function(["new1.png", "new2.jpg"])          # higher = more anomalous
     det.predict(new_images)                                   # 1 = anomaly, 0 = normal
     det.save("model/"); FIRMDetector.load("model/")
@@ -11,6 +11,7 @@ held-out normal images would be flagged (or a ``contamination`` share, when give
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -21,14 +22,18 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
+from .config import Settings, apply_overrides, preset
 from .data import ImageSet, as_images, load_image_folder
-from .features import TTA_MODES, FeatureSet, extract_features
-from .models import Encoder, ModelConfig
-from .scoring import SCORERS, apply_scorers, fit_scorers
-from .serialization import ModelFileError, atomic_write, load_model_dir, save_model_dir
-from .training import LOG, TrainConfig, Trainer
+from .features import FeatureSet, extract_features
+from .models import Encoder
+from .evaluation import evaluate_scorers
+from .losses import resolve_mode
+from .rundir import LOG, RESULTS, SCORES, load_model_dir, read_log, save_model_dir, train_files
+from .runner import final_scorers, prepare_data, train_encoder, validate
+from .scoring import apply_scorers, fit_scorers
+from .serialization import ModelFileError, atomic_write, write_json
 
-__all__ = ["FIRMDetector", "read_images", "score_to_csv"]
+__all__ = ["FIRMDetector", "read_images", "score_to_csv", "evaluate_model", "write_results"]
 
 
 def read_images(X, size: int = 32, channels: int = 3, name: str = "images") -> tuple[Tensor, list[str]]:
@@ -45,67 +50,65 @@ def read_images(X, size: int = 32, channels: int = 3, name: str = "images") -> t
 class FIRMDetector(BaseEstimator):
     """FIRM anomaly detector: ``fit`` on normal images, then score new ones.
 
-    Parameters are those of the encoder (``width``, ``head_hidden``, ``head_layers``,
-    ``image_size``), of training (``loss``, ``epochs``, ``batch_size``, ``lr``, ``shifts``,
-    ``id_share``, ``seed``, ``device``), of scoring (``scorer``, ``tta``) and of the threshold
-    (``target_fpr`` on a ``holdout`` share of the normal images, or ``contamination``). The
-    defaults train a small network that runs on a CPU in minutes; the paper's setting is
-    ``width=64, head_hidden=1024, head_layers=7, batch_size=32, lr=0.01, epochs=2000``.
+    Follows PyOD's convention: :meth:`decision_function` is higher for more anomalous images
+    (:meth:`score_samples` is its negative, scikit-learn's convention).
 
-    Fitted attributes: ``encoder_``, ``bank_`` (training features, 4 rotations), ``threshold_``,
-    ``holdout_scores_``, ``history_`` (per-epoch training log), ``train_paths_``.
+    ``settings`` (a :class:`~firm.config.Settings`; default: the ``detector`` preset) holds the
+    encoder, training, scoring and threshold settings; :meth:`from_preset` builds one from a preset
+    and flat overrides, e.g. ``FIRMDetector.from_preset("detector", epochs=30, image_size=128)``.
+    ``fit`` holds out ``holdout`` of the normal images and sets ``threshold_`` so that a
+    ``target_fpr`` share of them (or a ``contamination`` share) would be flagged.
+
+    Fitted attributes: ``settings_`` (the settings really used, ``shifts auto`` resolved),
+    ``encoder_``, ``bank_`` (training features at 4 rotations), ``threshold_``,
+    ``holdout_scores_``, ``history_`` (per-epoch log), ``train_paths_``, ``notes_``.
     """
 
-    def __init__(self, loss: str = "firm", epochs: int = 30, batch_size: int = 64, lr: float = 0.02,
-                 width: int = 16, head_hidden: int = 512, head_layers: int = 2, image_size: int = 32,
-                 shifts: str = "rotation", id_share: float | None = None, scorer: str = "cos1", tta: str = "none",
-                 target_fpr: float = 0.05, contamination: float | None = None, holdout: float = 0.1,
-                 seed: int = 0, device: str = "auto", progress: bool = True):
-        self.loss, self.epochs, self.batch_size, self.lr = loss, epochs, batch_size, lr
-        self.width, self.head_hidden, self.head_layers, self.image_size = width, head_hidden, head_layers, image_size
-        self.shifts, self.id_share, self.scorer, self.tta = shifts, id_share, scorer, tta
-        self.target_fpr, self.contamination, self.holdout = target_fpr, contamination, holdout
-        self.seed, self.device, self.progress = seed, device, progress
+    def __init__(self, settings: Settings | None = None, progress: bool = True):
+        self.settings = settings
+        self.progress = progress
+
+    @classmethod
+    def from_preset(cls, name: str = "detector", progress: bool = True, **overrides) -> "FIRMDetector":
+        """A detector with preset ``name``'s settings and flat overrides (``epochs=30``, ...)."""
+        return cls(apply_overrides(preset(name), overrides), progress=progress)
 
     # ------------------------------------------------------------------ fitting
-    def _check_params(self) -> None:
-        if self.scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {self.scorer!r}; choose from {', '.join(SCORERS)}")
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"unknown tta {self.tta!r}; choose from {', '.join(TTA_MODES)}")
-        rate = self.contamination if self.contamination is not None else self.target_fpr
+    def _resolved(self) -> Settings:
+        s = (self.settings or preset("detector")).copy()
+        validate(s)
+        rate = s.detector.contamination if s.detector.contamination is not None else s.detector.target_fpr
         if not 0 < rate < 1:
             raise ValueError(f"target_fpr / contamination must be in (0, 1), got {rate}")
-        if not 0 <= self.holdout < 1:
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if not 0 <= s.detector.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {s.detector.holdout}")
+        return s
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(loss=self.loss, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                           shifts=self.shifts, id_share=self.id_share, seed=self.seed, device=self.device,
-                           channels_last=True, checkpoint_every=0)
-
-    def fit(self, X, y=None, outliers=None) -> "FIRMDetector":
+    def fit(self, X, y=None, outliers=None, run_dir: str | os.PathLike | None = None,
+            resume: bool = False) -> "FIRMDetector":
         """Train on normal images ``X``; ``outliers`` (optional) are real auxiliary images used
-        instead of synthetic outliers (Outlier Exposure). ``y`` is ignored."""
-        self._check_params()
-        images, paths = read_images(X, self.image_size, name="normal images")
-        gen = torch.Generator().manual_seed(self.seed)
+        instead of synthetic outliers (Outlier Exposure). ``y`` is ignored. With ``run_dir`` the
+        training log and checkpoints go there, and ``resume=True`` continues a killed fit."""
+        s = self._resolved()
+        m = s.model
+        images, paths = read_images(X, m.image_size, m.in_channels, name="normal images")
+        gen = torch.Generator().manual_seed(s.train.seed)
         order = torch.randperm(len(images), generator=gen)
-        n_hold = int(round(self.holdout * len(images)))
+        n_hold = int(round(s.detector.holdout * len(images)))
         if n_hold and len(images) - n_hold < 2:
-            raise ValueError(f"only {len(images)} normal images: too few to hold out {self.holdout:.0%} for the threshold")
+            raise ValueError(f"only {len(images)} normal images: too few to hold out {s.detector.holdout:.0%} "
+                             "for the threshold")
         if 0 < n_hold < 20:
             warnings.warn(f"the threshold rests on only {n_hold} held-out normal images; it will be coarse", stacklevel=2)
         train_idx, hold_idx = order[n_hold:], order[:n_hold]
-        aux = read_images(outliers, self.image_size, name="outlier images")[0] if outliers is not None else None
-        torch.manual_seed(self.seed)
-        model = Encoder(ModelConfig(width=self.width, head_hidden=self.head_hidden, head_layers=self.head_layers,
-                                    image_size=self.image_size))
-        trainer = Trainer(model, self.train_config(), images[train_idx], auxiliary=aux, progress=self.progress)
-        trainer.train()
-        self.history_ = trainer.history
+        aux = read_images(outliers, m.image_size, m.in_channels, name="outlier images")[0] if outliers is not None else None
+        files = train_files(run_dir) if run_dir is not None else None
+        trained = train_encoder(s, images[train_idx], auxiliary=aux, files=files, resume=resume,
+                                progress=self.progress, log=self._log)
+        s.train = trained.train
+        self.settings_, self.history_, self.notes_ = s, trained.history, trained.notes
         self.train_paths_ = [paths[i] for i in train_idx.tolist()] if paths else []
-        self._fit_scoring(model, images[train_idx])  # features on the training device
+        self._fit_scoring(trained.encoder, images[train_idx])  # features on the training device
         if n_hold:
             self.holdout_scores_ = self.decision_function(images[hold_idx])
             self.set_threshold_from(self.holdout_scores_)
@@ -113,30 +116,38 @@ class FIRMDetector(BaseEstimator):
             self.holdout_scores_, self.threshold_ = np.zeros(0), None
         return self
 
+    def _log(self, message: str) -> None:
+        if self.progress:
+            print(message)
+
     @classmethod
-    def from_encoder(cls, encoder: Encoder, bank_images: Tensor, **params) -> "FIRMDetector":
+    def from_encoder(cls, encoder: Encoder, bank_images: Tensor, settings: Settings, history: list[dict] = (),
+                     progress: bool = True) -> "FIRMDetector":
         """A detector around an already trained encoder, its bank built from ``bank_images``
         (no threshold until :meth:`set_threshold_from` or :meth:`set_threshold`)."""
-        det = cls(image_size=encoder.config.image_size, width=encoder.config.width,
-                  head_hidden=encoder.config.head_hidden, head_layers=encoder.config.head_layers, **params)
-        det._check_params()
-        det.history_, det.train_paths_, det.holdout_scores_, det.threshold_ = [], [], np.zeros(0), None
+        det = cls(settings, progress=progress)
+        det.settings_ = det._resolved()
+        det.history_, det.notes_, det.train_paths_ = list(history), [], []
+        det.holdout_scores_, det.threshold_ = np.zeros(0), None
         det._fit_scoring(encoder, bank_images)
         return det
 
     def _fit_scoring(self, encoder: Encoder, bank_images: Tensor) -> None:
         self.encoder_ = encoder.eval()
-        self.bank_ = extract_features(encoder, bank_images, "angled", query=False, progress=self.progress)
+        self.bank_ = extract_features(encoder, bank_images, "angled", query=False, progress=self.progress,
+                                      config=self.settings_.eval)
         self._fit_scorers()
 
     def _fit_scorers(self) -> None:
-        bank = self.bank_ if self.tta != "none" else FeatureSet(self.bank_.features[:1])
-        self.scorers_ = fit_scorers(self.scorer, bank)
+        e = self.settings_.eval
+        bank = self.bank_ if e.tta != "none" else FeatureSet(self.bank_.features[:1])
+        self.scorers_ = fit_scorers(e.scorer, bank, config=e)
 
     def set_threshold_from(self, normal_scores: np.ndarray) -> float:
         """Threshold at the (1 - rate) quantile of scores of normal images (rate = contamination
         if set, else target_fpr): about that share of normal images will be flagged."""
-        rate = self.contamination if self.contamination is not None else self.target_fpr
+        d = self.settings_.detector
+        rate = d.contamination if d.contamination is not None else d.target_fpr
         self.threshold_ = float(np.quantile(np.asarray(normal_scores, dtype=np.float64), 1 - rate, method="higher"))
         return self.threshold_
 
@@ -148,11 +159,22 @@ class FIRMDetector(BaseEstimator):
         if not hasattr(self, "encoder_"):
             raise RuntimeError("this FIRMDetector is not fitted yet: call fit(normal_images) or FIRMDetector.load(folder)")
 
+    @property
+    def image_size(self) -> int:
+        self._check_fitted()
+        return self.settings_.model.image_size
+
+    def read(self, X, name: str = "images to score") -> tuple[Tensor, list[str]]:
+        """Images as this detector's encoder takes them, and their paths."""
+        self._check_fitted()
+        return read_images(X, self.image_size, self.settings_.model.in_channels, name=name)
+
     def decision_function(self, X) -> np.ndarray:
         """Anomaly score of each image (higher = more anomalous)."""
-        self._check_fitted()
-        images, _ = read_images(X, self.image_size, name="images to score")
-        queries = extract_features(self.encoder_, images, self.tta, query=True, seed=self.seed, progress=self.progress)
+        images, _ = self.read(X)
+        e = self.settings_.eval
+        queries = extract_features(self.encoder_, images, e.tta, query=True, seed=self.settings_.train.seed,
+                                   progress=self.progress, config=e)
         return apply_scorers(self.scorers_, queries).numpy().astype(np.float64)
 
     def score_samples(self, X) -> np.ndarray:
@@ -167,59 +189,116 @@ class FIRMDetector(BaseEstimator):
         return (self.decision_function(X) > self.threshold_).astype(np.int64)
 
     # ------------------------------------------------------------------ files
-    def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    def save(self, directory: str | os.PathLike) -> Path:
         """Weights (safetensors), feature bank (safetensors) and settings (JSON) in ``directory``."""
         self._check_fitted()
-        params = {k: v for k, v in self.get_params().items() if k != "progress"}
-        config = {**(extra or {}), "detector": {**params, "threshold": self.threshold_,
-                                                "holdout_scores": np.asarray(self.holdout_scores_).tolist(),
-                                                "train_paths": self.train_paths_}}
+        state = {"threshold": self.threshold_, "holdout_scores": np.asarray(self.holdout_scores_).tolist(),
+                 "train_paths": self.train_paths_, "notes": self.notes_}
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.history_ and not (directory / LOG).exists():
             atomic_write(directory / LOG, "".join(json.dumps(r) + "\n" for r in self.history_))
-        return save_model_dir(directory, self.encoder_, config, self.bank_.features)
+        return save_model_dir(directory, self.encoder_, self.settings_, state, self.bank_.features)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu", progress: bool = False) -> "FIRMDetector":
         """A fitted detector from a folder written by :meth:`save` (or by ``firm train``)."""
-        encoder, config, bank = load_model_dir(directory, device)
+        encoder, settings, state, bank = load_model_dir(directory, device)
         if bank is None:
             raise ModelFileError(f"{directory} holds no feature bank; it was not saved by a fitted detector")
-        saved = dict(config.get("detector", {}))
-        state = {k: saved.pop(k) for k in ("threshold", "holdout_scores", "train_paths") if k in saved}
-        valid = set(cls().get_params())
-        det = cls(**{k: v for k, v in saved.items() if k in valid}, progress=progress)
-        det.device = str(device)
-        det._check_params()
+        settings.train.device = str(device)
+        det = cls(settings, progress=progress)
+        det.settings_ = settings
         det.encoder_, det.bank_ = encoder, FeatureSet(bank)
         det.threshold_ = state.get("threshold")
         det.holdout_scores_ = np.asarray(state.get("holdout_scores", []), dtype=np.float64)
         det.train_paths_ = state.get("train_paths", [])
-        log = Path(directory) / LOG
-        det.history_ = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+        det.notes_ = state.get("notes", [])
+        det.history_ = read_log(directory)
         det._fit_scorers()
         return det
 
 
-def score_to_csv(model_dir: str | os.PathLike, inputs, out: str | os.PathLike, threshold: float | None = None,
-                 progress: bool = True) -> list[dict]:
-    """Score image files or folders with a saved detector; write a CSV ranked by anomaly score
-    (``rank, path, score, is_anomaly``) and return its rows."""
+def score_to_csv(det: FIRMDetector, inputs, out: str | os.PathLike) -> list[dict]:
+    """Score image files or folders; write a CSV ranked by anomaly score (``rank, path, score,
+    flagged``: ``flagged`` is the prediction, score above the threshold, not a ground truth) and
+    return its rows. Paths are absolute, so the CSV can be read from any working directory."""
     import csv
     import io
-    det = FIRMDetector.load(model_dir, progress=progress)
-    if threshold is not None:
-        det.set_threshold(threshold)
-    found = load_image_folder(inputs, det.image_size, name="images to score")
+    found = load_image_folder(inputs, det.image_size, det.settings_.model.in_channels, name="images to score")
     scores = det.decision_function(found.images)
     flags = scores > det.threshold_ if det.threshold_ is not None else np.zeros(len(scores), dtype=bool)
     order = np.argsort(-scores, kind="stable")
-    rows = [{"rank": r + 1, "path": found.paths[i], "score": float(scores[i]), "is_anomaly": int(flags[i])}
-            for r, i in enumerate(order)]
+    rows = [{"rank": r + 1, "path": str(Path(found.paths[i]).resolve()), "score": float(scores[i]),
+             "flagged": int(flags[i])} for r, i in enumerate(order)]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["rank", "path", "score", "is_anomaly"])
+    writer = csv.DictWriter(buf, fieldnames=["rank", "path", "score", "flagged"])
     writer.writeheader()
     writer.writerows({**r, "score": f"{r['score']:.6g}"} for r in rows)
     atomic_write(out, buf.getvalue())
     return rows
+
+
+def write_results(out_dir: Path, records: list[dict], scores: dict[tuple[str, str], Tensor], rows: list[dict]) -> None:
+    """``results.json`` (the records) and ``scores.csv`` (one row per image: its identity, the
+    ground truth ``is_anomaly`` and one column per scorer and ensemble), both written atomically."""
+    import csv
+    import io
+    write_json(out_dir / RESULTS, records)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(list(rows[0]) + [f"{s}:{t}" for s, t in scores])
+    values = [scores[k].tolist() for k in scores]
+    for i, row in enumerate(rows):
+        writer.writerow(list(row.values()) + [f"{v[i]:.6g}" for v in values])
+    atomic_write(out_dir / SCORES, buf.getvalue())
+
+
+def evaluate_model(run_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
+                   normal_dirs=None, anomaly_dirs=None, data_root: str | None = None, ood: list[str] = (),
+                   scorers: list[str] = ("all",), tta: list[str] = ("none",), out_dir: str | os.PathLike | None = None,
+                   progress: bool = True) -> list[dict]:
+    """AUROC of a saved model for every scorer and ensemble, written to ``results.json`` and
+    per-image ``scores.csv``: on its dataset's test split (``run_dir``; with ``ood`` for a run
+    trained on every class) or on labelled folders (``model_dir`` with ``normal_dirs`` and
+    ``anomaly_dirs``)."""
+    if not (run_dir or model_dir):
+        raise ValueError("evaluate needs a run folder (firm evaluate RUN_DIR) or --model DIR")
+    folder = Path(run_dir or model_dir)
+    det = FIRMDetector.load(folder, progress=progress)
+    s = det.settings_
+    e = dataclasses.replace(s.eval, scorers=list(scorers), final_tta=list(tta))
+    validate(dataclasses.replace(s, eval=e))
+    if normal_dirs or anomaly_dirs:
+        if not (normal_dirs and anomaly_dirs):
+            raise ValueError("folder evaluation needs both --normal-dir and --anomaly-dir")
+        normal, normal_paths = det.read(normal_dirs, "normal images")
+        anomalous, anomaly_paths = det.read(anomaly_dirs, "anomalous images")
+        names = normal_paths + anomaly_paths
+        y = torch.cat([torch.zeros(len(normal), dtype=torch.long), torch.ones(len(anomalous), dtype=torch.long)])
+        sets = [("folders", torch.cat([normal, anomalous]), y,
+                 [{"index": i, "path": str(Path(p).resolve()), "is_anomaly": int(a)} for i, (p, a) in
+                  enumerate(zip(names, y.tolist()))])]
+    else:
+        data = dataclasses.replace(s.data, data_root=data_root or s.data.data_root, ood=list(ood) or s.data.ood)
+        if not (s.data.dataset and s.data.normal_class is not None) or "folder" in s.data.dataset:
+            raise ModelFileError(f"{folder} was not trained on a dataset; evaluate it with --normal-dir and --anomaly-dir")
+        prepared = prepare_data(dataclasses.replace(s, data=data))
+        sets = [(name, images.images, y, [{"index": i, "label": int(c), "is_anomaly": int(a)} for i, (c, a) in
+                                          enumerate(zip(images.labels.tolist(), y.tolist()))])
+                for name, images, y in prepared.eval_sets]
+        if not sets:
+            raise ValueError(f"{folder} was trained on every class of {s.data.dataset}: there is no anomaly in its test "
+                             "split; pass --ood DATASET_OR_FOLDER to score it against out-of-distribution images")
+    base = {"loss": s.train.loss, "loss_mode": resolve_mode(s.train.loss, s.train.loss_mode), "dataset": s.data.dataset,
+            "normal_class": s.data.normal_class, "seed": s.train.seed, "epoch": s.train.epochs}
+    all_records, all_scores, all_rows = [], {}, []
+    for name, images, y, rows in sets:
+        records, scores = evaluate_scorers(det.encoder_, det.bank_, images, y, final_scorers(e), list(e.final_tta),
+                                           progress=progress, config=e)
+        all_records += [{**base, "eval_set": name, **r} for r in records]
+        for key, value in scores.items():
+            all_scores[key] = torch.cat([all_scores[key], value]) if key in all_scores else value
+        all_rows += [{"eval_set": name, **r} for r in rows]
+    write_results(Path(out_dir or folder), all_records, all_scores, all_rows)
+    return all_records

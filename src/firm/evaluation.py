@@ -7,9 +7,10 @@ import math
 import numpy as np
 from torch import Tensor
 
-from .features import FeatureSet, extract_features
+from .config import EvalConfig
+from .features import TTA_MODES, FeatureSet, extract_features
 from .models import Encoder
-from .scoring import score
+from .scoring import score, scorer_names
 
 __all__ = ["auroc", "evaluate_scorers", "aulc", "epochs_to_reach", "speedup"]
 
@@ -27,26 +28,42 @@ def auroc(scores: Tensor | np.ndarray, is_anomaly: Tensor | np.ndarray) -> float
 
 
 def evaluate_scorers(model: Encoder, bank: Tensor | FeatureSet, test_images: Tensor, is_anomaly: Tensor,
-                     scorers: list[str] = ("cos1",), tta: str | list[str] = "none", batch_size: int = 256,
-                     progress: bool = False) -> tuple[list[dict], dict[tuple[str, str], Tensor]]:
+                     scorers: list[str] = ("cos1",), tta: str | list[str] = "none", progress: bool = False,
+                     config: EvalConfig | None = None, *, batch_size: int = 256
+                     ) -> tuple[list[dict], dict[tuple[str, str], Tensor]]:
     """AUROC of every scorer for every test-time ensemble on one test set.
 
     ``bank`` is the normal training images (uint8) or their features already extracted at the
-    four rotations (as a saved detector holds them). Returns the records
-    ``{"scorer", "tta", "auroc"}`` and the scores by ``(scorer, tta)``. Features are extracted
-    once per ensemble and shared by all scorers.
+    four rotations (as a saved detector holds them; they must have been extracted with the same
+    ``config.center_crop``). ``scorers`` may hold ``"all"`` (every registered scorer); ``config``
+    (default ``EvalConfig()``) sets the test-time zoom, the crop ensemble and the SVMs' nu.
+    Returns the records ``{"scorer", "tta", "auroc"}`` and the scores by ``(scorer, tta)``.
+    Features are extracted once per ensemble and shared by all scorers.
     """
+    config = config or EvalConfig()
+    names = scorer_names(scorers)
+    modes = [tta] if isinstance(tta, str) else list(tta)
+    for mode in modes:  # unknown names fail before any image goes through the model
+        if mode not in TTA_MODES:
+            raise ValueError(f"unknown test-time ensemble {mode!r}; choose one of {', '.join(TTA_MODES)}")
     records, all_scores = [], {}
-    for mode in [tta] if isinstance(tta, str) else tta:
+    for mode in modes:
+        turns = TTA_MODES[mode].quarter_turns
         if isinstance(bank, FeatureSet):
-            bank_set = bank if mode != "none" else FeatureSet(bank.features[:1])
-            if bank_set.rotations != (1 if mode == "none" else 4):
-                raise ValueError(f"test-time ensemble {mode!r} needs a bank at 4 rotations; this one has {bank.rotations}")
+            if bank.rotations == len(turns):
+                bank_set = bank
+            elif bank.rotations == 4:
+                bank_set = FeatureSet(bank.features[list(turns)])
+            else:
+                raise ValueError(f"test-time ensemble {mode!r} needs a bank at {len(turns)} or 4 rotations; "
+                                 f"this one has {bank.rotations}")
         else:
-            bank_set = extract_features(model, bank, mode, query=False, batch_size=batch_size, progress=progress)
-        queries = extract_features(model, test_images, mode, query=True, batch_size=batch_size, progress=progress)
-        for name in scorers:
-            s = score(name, bank_set, queries)
+            bank_set = extract_features(model, bank, mode, query=False, batch_size=batch_size, progress=progress,
+                                        config=config)
+        queries = extract_features(model, test_images, mode, query=True, batch_size=batch_size, progress=progress,
+                                   config=config)
+        for name in names:
+            s = score(name, bank_set, queries, config)
             all_scores[(name, mode)] = s
             records.append({"scorer": name, "tta": mode, "auroc": auroc(s, is_anomaly)})
     return records, all_scores

@@ -15,6 +15,8 @@ gradient matmul instead of two.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,7 +30,9 @@ __all__ = [
     "FIRMLoss",
     "NTXentLoss",
     "SupConLoss",
-    "LOSS_NAMES",
+    "LOSSES",
+    "LOSS_MODES",
+    "resolve_mode",
     "build_loss",
     "masked_softmax_loss",
 ]
@@ -329,30 +333,62 @@ class SupConLoss(ContrastiveLoss):
         return labels
 
 
-LOSS_NAMES = ("firm", "ntxent", "supcon", "rotsupcon")
+def _firm_labels(class_labels: Tensor, variant: Tensor) -> Tensor:
+    """Class id for inliers, :data:`OUTLIER_LABEL` for every outlier (each its own group)."""
+    return torch.where(variant == 0, class_labels, torch.full_like(class_labels, OUTLIER_LABEL))
+
+
+def _supcon_labels(class_labels: Tensor, variant: Tensor) -> Tensor:
+    """Inliers keep their class id; all outliers share one group (-1)."""
+    return torch.where(variant == 0, class_labels, torch.full_like(class_labels, -1))
+
+
+def _rotsupcon_labels(class_labels: Tensor, variant: Tensor) -> Tensor:
+    """Inliers keep their class id; outliers are grouped by transform (-1, -2, ... for variants 1, 2, ...)."""
+    return torch.where(variant == 0, class_labels, -variant.long())
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """A registered loss: its module, how a batch's labels are made, and the layout the authors ran it in."""
+
+    factory: Callable[[float, str], ContrastiveLoss]
+    labels: Callable[[Tensor, Tensor], Tensor]
+    authors_mode: str
+    description: str
+
+
+LOSSES: dict[str, LossEntry] = {
+    "firm": LossEntry(lambda tau, mode: FIRMLoss(tau=tau, mode=mode), _firm_labels, "pairwise",
+                      "FIRM: inliers of a class are positives of each other, each outlier only of its own view"),
+    "ntxent": LossEntry(lambda tau, mode: NTXentLoss(tau=tau, mode=mode), _firm_labels, "pairwise",
+                        "NT-Xent (SimCLR): every sample's only positive is its own second view"),
+    "supcon": LossEntry(lambda tau, mode: SupConLoss(tau=tau, mode=mode), _supcon_labels, "concat",
+                        "SupCon: inliers by class, all outliers one class"),
+    "rotsupcon": LossEntry(lambda tau, mode: SupConLoss(tau=tau, mode=mode), _rotsupcon_labels, "concat",
+                           "Rot-SupCon: inliers by class, outliers one class per transform"),
+}
+LOSS_MODES = ("concat", "pairwise", "authors")
+
+
+def resolve_mode(name: str, mode: str) -> str:
+    """The layout loss ``name`` runs in: ``mode``, or for ``"authors"`` the one the authors used."""
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss layout {mode!r}; choose one of {', '.join(LOSS_MODES)}")
+    return _entry(name).authors_mode if mode == "authors" else mode
+
+
+def _entry(name: str) -> LossEntry:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
 
 
 def build_loss(name: str, tau: float = 0.2, mode: str = "concat") -> ContrastiveLoss:
-    """The loss called ``name`` (one of :data:`LOSS_NAMES`)."""
-    if name == "firm":
-        return FIRMLoss(tau=tau, mode=mode)
-    if name == "ntxent":
-        return NTXentLoss(tau=tau, mode=mode)
-    if name in ("supcon", "rotsupcon"):
-        return SupConLoss(tau=tau, mode=mode)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    """The loss registered as ``name`` (see :data:`LOSSES`) in layout ``mode``."""
+    return _entry(name).factory(tau, resolve_mode(name, mode))
 
 
 def batch_labels(name: str, class_labels: Tensor, variant: Tensor) -> Tensor:
-    """Labels for loss ``name`` from a batch's ID class ids and shift variants (0 = inlier).
-
-    FIRM: class id for inliers, :data:`OUTLIER_LABEL` for outliers. SupCon: 0 inlier, 1 outlier.
-    Rot-SupCon: the variant (one label per transform). NT-Xent ignores labels.
-    """
-    if name == "firm":
-        return torch.where(variant == 0, class_labels, torch.full_like(class_labels, OUTLIER_LABEL))
-    if name == "supcon":
-        return (variant > 0).long()
-    if name in ("rotsupcon", "ntxent"):
-        return variant.long()
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    """Labels for loss ``name`` from a batch's ID class ids and shift variants (0 = inlier)."""
+    return _entry(name).labels(class_labels, variant)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 
+from .maps import MAPS_INDEX
 from .serialization import CONFIG_FILE, atomic_write, load_model_dir, read_json
 from .training import LOG
 
@@ -33,6 +34,7 @@ _NON_SCORE = {"index", "path", "label", "is_anomaly"}
 _GRID = 8  # images per row of the most / least anomalous grids
 _MAX_EMBED = 2000  # scored images in the projection: enough to see the clusters, cheap on a CPU
 _COLOURS = {0: ("#2c7bb6", "normal"), 1: ("#d7191c", "anomalous")}
+_MAPS_DIR = "maps"  # anomaly-map overlays in a run folder (firm score --maps RUN_DIR/maps)
 
 
 class _Page:
@@ -177,6 +179,32 @@ def _projection(page: _Page, model, bank: torch.Tensor, queries: torch.Tensor | 
     page.figure(fig, "embedding", "2-D PCA projection of the features")
 
 
+def _anomaly_maps(page: _Page, maps_dir: Path, rows: list[dict]) -> None:
+    """The most anomalous images' heat-map overlays from a folder written by
+    :func:`firm.maps.save_overlays` (its ``index.csv``), titled with the map maximum, the file
+    name and, when scores.csv knows the image, its true label."""
+    from PIL import Image
+
+    from .maps import read_overlay_index
+    shown = read_overlay_index(maps_dir)[:2 * _GRID]
+    if not shown:
+        page.text("p", f"{maps_dir / MAPS_INDEX} lists no overlay file that is still there.")
+        return
+    labels = {r["path"]: int(r["is_anomaly"]) for r in rows if r.get("path") and r.get("is_anomaly") not in (None, "")}
+    lines = (len(shown) + _GRID - 1) // _GRID
+    fig, axes = plt.subplots(lines, _GRID, figsize=(11, 1.8 * lines), squeeze=False)
+    for ax, row in zip(axes.ravel(), shown + [None] * (lines * _GRID - len(shown))):
+        ax.set_axis_off()
+        if row is None:
+            continue
+        with Image.open(maps_dir / row["file"]) as im:
+            ax.imshow(np.asarray(im.convert("RGB")))
+        colour, name = _COLOURS.get(labels.get(row["name"]), ("black", ""))
+        ax.set_title(f"{row['score']:.3f} {name}\n{Path(row['name']).name}"[:40], fontsize=7, color=colour)
+    page.figure(fig, "anomaly_maps", f"The {len(shown)} most anomalous images by anomaly map (red = anomalous): "
+                                     "map maximum, true label where known, file name")
+
+
 def _summary(config: dict, records: list[dict], threshold, scores, labels, auc, column) -> list[tuple]:
     det, data, model, train = (config.get(k) or {} for k in ("detector", "data", "model", "train"))
     n_files = len(det.get("train_paths") or [])
@@ -197,8 +225,12 @@ def _summary(config: dict, records: list[dict], threshold, scores, labels, auc, 
                     f"{r['auroc']:.4f}") for r in records if "auroc" in r]
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, progress: bool = True) -> Path:
-    """Write ``out/index.html`` (default RUN_DIR/report/) and its PNG figures; returns the HTML path."""
+def build_report(run_dir: str | Path, out: str | Path | None = None, progress: bool = True,
+                 maps: str | Path | None = None) -> Path:
+    """Write ``out/index.html`` (default RUN_DIR/report/) and its PNG figures; returns the HTML path.
+
+    ``maps``: a folder of anomaly-map overlays (:func:`firm.maps.save_overlays`) to show; by
+    default RUN_DIR/maps/ when it holds them."""
     run_dir = Path(run_dir)
     present = {name: (run_dir / name).exists() for name in (CONFIG_FILE, LOG, "scores.csv", "results.json")}
     if not any(present.values()):
@@ -257,6 +289,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, progress: b
                 queries, query_labels = images[pick], labels[[kept[n] for n in pick]]
         page.text("h2", "Embeddings")
         _projection(page, model, bank[0, 0], queries, query_labels, progress)
+    maps_dir = Path(maps) if maps is not None else run_dir / _MAPS_DIR
+    if (maps_dir / MAPS_INDEX).is_file():
+        page.text("h2", "Anomaly maps")
+        _anomaly_maps(page, maps_dir, rows)
+    elif maps is not None:
+        notes.append(f"{maps_dir} holds no anomaly maps ({MAPS_INDEX} from firm score --maps is missing).")
     title = html.escape(f"FIRM report: {run_dir.resolve().name}")
     head = [f"<h1>{title}</h1>", f'<p class="meta">{html.escape(str(run_dir.resolve()))}</p>']
     head += [f'<p class="note">{html.escape(n)}</p>' for n in notes]

@@ -3,20 +3,26 @@
 Every scorer is fitted on the raw features of the normal training images (the *bank*) and
 scores raw query features. Most work on L2-normalised features, as the paper does; the
 ``_norm`` variants also use the query's norm before normalisation and ``ocsvm_linear`` uses the
-raw features. :func:`score` applies a scorer to a :class:`~firm.features.FeatureSet`, averaging
-over the rotations and crops of a test-time ensemble (rotation r of the queries against the bank
-at rotation r).
+raw features. :data:`SCORERS` is the registry: name -> description and a builder that takes the
+:class:`~firm.config.EvalConfig` (``ocsvm_nu`` reaches the one-class SVMs). :func:`score` applies
+a scorer to a :class:`~firm.features.FeatureSet`, averaging over the rotations and views of a
+test-time ensemble (rotation r of the queries against the bank at rotation r).
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import EvalConfig
 from .features import FeatureSet
 
-__all__ = ["Scorer", "SCORERS", "build_scorer", "fit_scorers", "apply_scorers", "score", "knn_similarity"]
+__all__ = ["Scorer", "ScorerEntry", "SCORERS", "build_scorer", "scorer_names", "fit_scorers", "apply_scorers", "score",
+           "knn_similarity"]
 
 _CHUNK = 4096
 _FAISS_BLOCKS = (1024, 16384)  # queries x bank rows per BLAS call in knn_similarity
@@ -96,9 +102,10 @@ class KDE(Scorer):
 
 class OneClassSVMScorer(Scorer):
     """One-class SVM: RBF kernel (gamma = 10 / (var * d)) on normalised features, or linear on
-    raw features. The score is minus the SVM's decision function."""
+    raw features. The score is minus the SVM's decision function. ``nu`` defaults to
+    scikit-learn's 0.5, which the authors kept."""
 
-    def __init__(self, kernel: str = "rbf", nu: float = 0.1):
+    def __init__(self, kernel: str = "rbf", nu: float = 0.5):
         self.kernel, self.nu = kernel, nu
         self.name = f"ocsvm_{kernel}"
 
@@ -152,28 +159,54 @@ class Mahalanobis(Scorer):
         return ((d @ self.precision_) * d).sum(1).float()
 
 
-SCORERS = {
-    "cos1": lambda: CosineKNN(1),
-    "cos5": lambda: CosineKNN(5),
-    "cos1_norm": lambda: CosineKNN(1, use_norm=True),
-    "cos5_norm": lambda: CosineKNN(5, use_norm=True),
-    "kde": KDE,
-    "ocsvm_rbf": lambda: OneClassSVMScorer("rbf"),
-    "ocsvm_linear": lambda: OneClassSVMScorer("linear"),
-    "center": Center,
-    "mahalanobis": Mahalanobis,
+@dataclass(frozen=True)
+class ScorerEntry:
+    """One entry of :data:`SCORERS`: what the scorer computes and how to build it from the
+    evaluation settings."""
+
+    description: str
+    build: Callable[[EvalConfig], Scorer]
+
+
+SCORERS: dict[str, ScorerEntry] = {
+    "cos1": ScorerEntry("cosine similarity to the nearest bank feature", lambda c: CosineKNN(1)),
+    "cos5": ScorerEntry("mean cosine similarity to the 5 nearest bank features", lambda c: CosineKNN(5)),
+    "cos1_norm": ScorerEntry("cos1 times the query's feature norm", lambda c: CosineKNN(1, use_norm=True)),
+    "cos5_norm": ScorerEntry("cos5 times the query's feature norm", lambda c: CosineKNN(5, use_norm=True)),
+    "kde": ScorerEntry("Gaussian-kernel density of cosine similarities (gamma = 20 / (var * d))", lambda c: KDE()),
+    "ocsvm_rbf": ScorerEntry("RBF one-class SVM on normalised features (gamma = 10 / (var * d), nu = ocsvm_nu)",
+                             lambda c: OneClassSVMScorer("rbf", nu=c.ocsvm_nu)),
+    "ocsvm_linear": ScorerEntry("linear one-class SVM on raw features (nu = ocsvm_nu)",
+                                lambda c: OneClassSVMScorer("linear", nu=c.ocsvm_nu)),
+    "center": ScorerEntry("cosine similarity to the mean bank feature", lambda c: Center()),
+    "mahalanobis": ScorerEntry("Mahalanobis distance, Ledoit-Wolf covariance (ranks as a Gaussian density)",
+                               lambda c: Mahalanobis()),
 }
 
 
-def build_scorer(name: str) -> Scorer:
+def scorer_names(names: Iterable[str]) -> list[str]:
+    """Scorer names with ``"all"`` expanded to every registered scorer, duplicates dropped and
+    unknown names rejected."""
+    out: list[str] = []
+    for name in names:
+        for n in SCORERS if name == "all" else [name]:
+            if n not in SCORERS:
+                raise ValueError(f"unknown scorer {n!r}; choose from all, {', '.join(SCORERS)}")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def build_scorer(name: str, config: EvalConfig | None = None) -> Scorer:
+    """An unfitted scorer ``name`` with the settings of ``config`` (default ``EvalConfig()``)."""
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
-    return SCORERS[name]()
+    return SCORERS[name].build(config or EvalConfig())
 
 
-def fit_scorers(name: str, bank: FeatureSet) -> list[Scorer]:
+def fit_scorers(name: str, bank: FeatureSet, config: EvalConfig | None = None) -> list[Scorer]:
     """Scorer ``name`` fitted on each rotation of the bank."""
-    return [build_scorer(name).fit(bank.features[r, 0]) for r in range(bank.rotations)]
+    return [build_scorer(name, config).fit(bank.features[r, 0]) for r in range(bank.rotations)]
 
 
 def apply_scorers(scorers: list[Scorer], queries: FeatureSet) -> Tensor:
@@ -188,6 +221,6 @@ def apply_scorers(scorers: list[Scorer], queries: FeatureSet) -> Tensor:
     return total / (len(scorers) * queries.features.shape[1])
 
 
-def score(name: str, bank: FeatureSet, queries: FeatureSet) -> Tensor:
+def score(name: str, bank: FeatureSet, queries: FeatureSet, config: EvalConfig | None = None) -> Tensor:
     """Anomaly scores of the queries under scorer ``name`` fitted on the bank."""
-    return apply_scorers(fit_scorers(name, bank), queries)
+    return apply_scorers(fit_scorers(name, bank, config), queries)

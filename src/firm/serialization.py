@@ -10,16 +10,15 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "ModelFileError", "DictConfig", "atomic_write", "write_json", "read_json", "save_tensors",
-           "load_tensors", "sha256_of", "check_format"]
+__all__ = ["FORMAT_VERSION", "FORMAT_NAME", "ModelFileError", "to_cpu_state", "atomic_write", "write_json", "read_json",
+           "save_tensors", "load_tensors", "sha256_of", "check_format"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json holds the run's full settings
 FORMAT_NAME = "firm"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -120,84 +119,6 @@ def check_format(meta: dict, path: str | os.PathLike, what: str) -> None:
                              f"({FORMAT_VERSION}); upgrade the firm package to load it")
 
 
-class DictConfig:
-    """Mixin for config dataclasses: ``to_dict`` and a ``from_dict`` that names unknown keys."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"{cls.__name__} has no settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-
 def to_cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
     """A module's state dict with shared tensors copied apart (safetensors refuses aliases)."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-MODEL_FILE = "model.safetensors"
-BANK_FILE = "bank.safetensors"
-CONFIG_FILE = "config.json"
-
-
-def save_model_dir(directory: str | os.PathLike, model: torch.nn.Module, config: dict,
-                   bank: Tensor | None = None) -> Path:
-    """Save an encoder (weights), its feature bank and a JSON config into ``directory``.
-
-    ``config`` is any JSON-able dict (training, data and detector settings); the model's own
-    architecture, the format version and the files' SHA-256 sums are added. The config is
-    written last, so a folder whose config is present is complete.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    files = {MODEL_FILE: save_tensors(directory / MODEL_FILE, to_cpu_state(model), {"model": model.config.to_dict()})}
-    if bank is not None:
-        files[BANK_FILE] = save_tensors(directory / BANK_FILE, {"bank": bank.float()})
-    from . import __version__
-    full = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "firm_version": __version__,
-            **config, "model": model.config.to_dict(), "files": files}
-    write_json(directory / CONFIG_FILE, full)
-    return directory
-
-
-def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``(encoder, config, bank)`` from a folder written by :func:`save_model_dir`; ``bank`` is
-    None if the folder has none. Never unpickles; every kind of bad file gets a clear error."""
-    from .models import Encoder, ModelConfig
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ModelFileError(f"model folder {directory} does not exist; pass the folder written by firm train or firm fit")
-    config = read_json(directory / CONFIG_FILE, "model config")
-    if not isinstance(config, dict):
-        raise ModelFileError(f"model config {directory / CONFIG_FILE} is not a JSON object")
-    marker = {k: str(v) for k, v in config.items() if k in ("format", "format_version")}
-    check_format(marker, directory / CONFIG_FILE, "model config")
-    try:
-        model = Encoder(ModelConfig.from_dict(config["model"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"model config {directory / CONFIG_FILE} has no valid 'model' section ({e})") from e
-    files = config.get("files", {})
-    state, _ = load_tensors(directory / MODEL_FILE, "model weights", files.get(MODEL_FILE))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or extra or wrong:
-        detail = "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
-                                         f"shape mismatch {wrong[:3]}" if wrong else ""]))
-        raise ModelFileError(f"weights in {directory / MODEL_FILE} do not match the architecture in its config ({detail})")
-    model.load_state_dict(state)
-    bank = None
-    if BANK_FILE in files:
-        tensors, _ = load_tensors(directory / BANK_FILE, "feature bank", files[BANK_FILE])
-        bank = tensors["bank"]
-        if bank.shape[-1] != model.feature_dim:
-            raise ModelFileError(f"feature bank in {directory / BANK_FILE} has dimension {bank.shape[-1]}, "
-                                 f"the model's features have {model.feature_dim}")
-    return model.to(device).eval(), config, bank

@@ -2,8 +2,20 @@
 
 A :class:`Shift` turns a batch of ID images into outliers. It may have several *variants*
 (rotation has three: 90, 180 and 270 degrees); every variant is one synthetic outlier kind and,
-for Rot-SupCon, one label. Shifts work on whole batches of float images ``(B, C, H, W)`` on any
-device, with one call per variant rather than one per image.
+for Rot-SupCon, one label. Shifts work on whole batches of float images ``(B, C, H, W)`` in
+[0, 1] on any device, draw their randomness from the ``torch.Generator`` they are given, and
+never loop over images in Python. :data:`SHIFTS` is the registry (name -> factory and a one-line
+description); :func:`build_shifts` reads it, the command line takes its keys as choices.
+
+The shifts follow the authors' code (github.com/Willtl/firm: ``data.py``
+``SyntheticOutlierDataset._expose_samples_with_labels``, ``util.py`` ``CutPaste`` and
+``CutPasteScar``, ``transforms.py`` ``segmentScramble`` and ``mixup``), with one difference in
+kind for all random shifts: the authors draw each image's outlier once, when the dataset is
+built, and reuse it in every epoch; here an outlier is drawn afresh each time a batch needs one.
+Smaller differences are named in each class.
+
+:func:`choose_shifts` (``--shifts auto``) decides from the normal images whether rotations
+make outliers of them, or whether cut-paste defects should.
 
 :class:`BatchPlan` decides which image and which variant (0 = the unshifted inlier) fills each
 slot of every batch, from a seeded generator, so an epoch's order can be rebuilt on resume.
@@ -12,13 +24,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "Shift", "Rotation", "HorizontalFlip", "CutPaste", "PatchPermutation", "ShiftSet",
-    "SHIFT_NAMES", "build_shifts", "BatchPlan",
+    "Shift", "Rotation", "HorizontalFlip", "CutPaste", "CutPasteScar", "Scramble", "Mixup", "PatchPermutation",
+    "ShiftSet", "ShiftEntry", "SHIFTS", "SHIFT_NAMES", "AUTO", "build_shifts", "choose_shifts", "BatchPlan",
 ]
 
 
@@ -33,6 +47,31 @@ class Shift:
         raise NotImplementedError
 
 
+# ----------------------------------------------------------------------------- random helpers
+def _rand(shape, images: Tensor, generator) -> Tensor:
+    return torch.rand(shape, generator=generator, device=images.device)
+
+
+def _uniform(shape, low: float, high: float, images: Tensor, generator) -> Tensor:
+    return low + (high - low) * _rand(shape, images, generator)
+
+
+def _randint(low: Tensor | int, high: Tensor | int, shape, images: Tensor, generator) -> Tensor:
+    """Integers uniform in ``[low, high]`` (both included; tensor bounds are per element)."""
+    low = torch.as_tensor(low, device=images.device)
+    high = torch.as_tensor(high, device=images.device)
+    n = (high - low + 1).clamp(min=1)
+    return (low + (_rand(shape, images, generator) * n).floor().long()).minimum(high.maximum(low))
+
+
+def _gather_pixels(images: Tensor, sy: Tensor, sx: Tensor) -> Tensor:
+    """``out[b, :, y, x] = images[b, :, sy[b, y, x], sx[b, y, x]]`` (indices already in range)."""
+    b, c, h, w = images.shape
+    index = (sy * w + sx).view(b, 1, h * w).expand(b, c, h * w)
+    return images.flatten(2).gather(2, index).view(b, c, h, w)
+
+
+# ----------------------------------------------------------------------------- the shifts
 class Rotation(Shift):
     """Rotation by multiples of 90 degrees (the paper's default: 90, 180, 270)."""
 
@@ -62,61 +101,246 @@ class HorizontalFlip(Shift):
         return images.flip(-1)
 
 
-def _uniform(n: int, low: float, high: float, generator, device) -> Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator, device=device)
-
-
 class CutPaste(Shift):
-    """CutPaste (Li et al., 2021): a patch cut from the image is pasted elsewhere in it.
+    """CutPaste (Li et al., 2021) as the authors make outliers with it: a rectangle copied elsewhere.
 
-    ``scar=True`` gives CutPaste-scar: a thin, long, randomly rotated patch. Sizes are fractions
-    of the image side, so the same settings serve 32 px and 256 px images.
+    Area in ``area`` (a fraction of the image), aspect ratio log-uniform in ``aspect`` (height =
+    sqrt(area * ratio), up to 10 draws until it fits, as theirs), source anywhere in the image,
+    destination anywhere else (never the source position). No colour jitter on the patch (theirs
+    has none; the CutPaste paper's has).
+
+    ``p`` is the probability that an image is pasted at all; an image that is not comes back
+    unchanged and is still an outlier (the authors append every shifted copy with label -1
+    whether or not it was changed). Their ``CutPaste`` class has ``p=0.5`` as its default, but
+    the code that makes their outliers passes ``p=1.0`` (``data.py`` at commits 23c6ffb, 2558887,
+    cb7556) or uses a version of the class without ``p`` that always pastes (aa8eb76); so the
+    default here is 1.
     """
 
     name = "cutpaste"
 
-    def __init__(self, area: tuple[float, float] = (0.02, 0.15), aspect: tuple[float, float] = (0.3, 3.3),
-                 scar: bool = False, scar_width: tuple[float, float] = (0.03, 0.1),
-                 scar_length: tuple[float, float] = (0.25, 0.5), scar_angle: float = 45.0):
-        self.area, self.aspect, self.scar = area, aspect, scar
-        self.scar_width, self.scar_length, self.scar_angle = scar_width, scar_length, scar_angle
-        if scar:
-            self.name = "cutpaste_scar"
+    def __init__(self, p: float = 1.0, area: tuple[float, float] = (0.02, 0.15), aspect: tuple[float, float] = (0.3, 3.3),
+                 tries: int = 10):
+        if not 0 <= p <= 1:
+            raise ValueError(f"cut-paste probability must be in [0, 1], got {p}")
+        self.p, self.area, self.aspect, self.tries = p, area, aspect, tries
+
+    def __call__(self, images: Tensor, variant: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, _, h, w = images.shape
+        area = _uniform((b, self.tries), *self.area, images, generator) * (h * w)
+        ratio = _uniform((b, self.tries), math.log(self.aspect[0]), math.log(self.aspect[1]), images, generator).exp()
+        ph, pw = (area * ratio).sqrt().round().long(), (area / ratio).sqrt().round().long()
+        fits = (ph >= 1) & (pw >= 1) & (ph <= h) & (pw <= w)
+        first = fits.long().argmax(1, keepdim=True)  # the first draw that fits (the authors' retry loop)
+        ph = ph.gather(1, first).squeeze(1).clamp(1, h)  # no draw fits: clipped (never with the defaults)
+        pw = pw.gather(1, first).squeeze(1).clamp(1, w)
+        cols = w - pw + 1
+        positions = (h - ph + 1) * cols
+        src = _randint(0, positions - 1, b, images, generator)
+        # Destination uniform over the other positions; a patch as large as the image cannot move.
+        dst = _randint(0, positions - 2, b, images, generator)
+        dst = torch.where(positions > 1, dst + (dst >= src).long(), src)
+        si, sj, di, dj = src // cols, src % cols, dst // cols, dst % cols
+        pasted = _rand(b, images, generator) < self.p
+
+        ys = torch.arange(h, device=images.device).view(1, h, 1)
+        xs = torch.arange(w, device=images.device).view(1, 1, w)
+        di, dj, si, sj, ph, pw = (t.view(b, 1, 1) for t in (di, dj, si, sj, ph, pw))
+        inside = (ys >= di) & (ys < di + ph) & (xs >= dj) & (xs < dj + pw) & pasted.view(b, 1, 1)
+        moved = _gather_pixels(images, (ys - di + si).clamp(0, h - 1), (xs - dj + sj).clamp(0, w - 1))
+        return torch.where(inside.unsqueeze(1), moved, images)
+
+
+def _grey(images: Tensor) -> Tensor:
+    if images.shape[1] != 3:
+        return images.mean(1, keepdim=True)
+    r, g, b = images.unbind(1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _patch_jitter(images: Tensor, region: Tensor, strength: tuple[float, float, float, float], generator) -> Tensor:
+    """Colour jitter of the patch ``region`` (B, 1, H, W): brightness, contrast (about the patch's
+    mean grey, as torchvision's jitter of a cropped patch), saturation and hue, in that order.
+
+    Hue turns colours about the grey axis of RGB, a linear stand-in for torchvision's HSV hue
+    shift (this module sits below ``views`` and does not import it); grey images get brightness
+    and contrast only, as in torchvision.
+    """
+    b = images.shape[0]
+    bright, contrast, sat, hue = strength
+
+    def factor(x: float) -> Tensor:
+        return _uniform(b, max(0.0, 1 - x), 1 + x, images, generator).view(b, 1, 1, 1)
+
+    x = (images * factor(bright)).clamp(0, 1)
+    mean = (_grey(x) * region).sum((1, 2, 3), keepdim=True) / region.sum((1, 2, 3), keepdim=True).clamp(min=1)
+    f = factor(contrast)
+    x = (f * x + (1 - f) * mean).clamp(0, 1)
+    if images.shape[1] == 3:
+        f = factor(sat)
+        x = (f * x + (1 - f) * _grey(x)).clamp(0, 1)
+        theta = _uniform(b, -hue, hue, images, generator) * 2 * math.pi
+        cos, sin = theta.cos().view(b, 1, 1), theta.sin().view(b, 1, 1)
+        eye = torch.eye(3, device=images.device)
+        cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=images.device)
+        turn = cos * eye + (1 - cos) / 3 + sin / math.sqrt(3) * cross  # Rodrigues' rotation about (1, 1, 1)
+        x = torch.einsum("bij,bjhw->bihw", turn.to(x.dtype), x).clamp(0, 1)
+    return x
+
+
+class CutPasteScar(Shift):
+    """CutPaste-scar as the authors make outliers with it: a thin patch, jittered, rotated, pasted.
+
+    As theirs: width ``width`` and length ``length`` in pixels (integers, both ends included;
+    clipped to the image), cut anywhere in the image, colour jitter ``jitter`` (brightness,
+    contrast, saturation, hue) on the patch, rotated by an angle uniform in ``angle`` degrees
+    about its centre with bilinear resampling and soft (anti-aliased) edges, pasted where the
+    rotated patch's bounding box lies inside the image. ``p`` as in :class:`CutPaste` (the
+    authors: always).
+
+    Sizes stay in pixels whatever the image size: 2-16 x 10-25 px are the CutPaste paper's scars
+    on 256 px images, and the authors kept the same pixels on 32 px images, so no scaling matches
+    both at their sizes. Differences: the hue jitter (see :func:`_patch_jitter`) and the jitter
+    order, fixed here, random in torchvision.
+    """
+
+    name = "cutpaste_scar"
+
+    def __init__(self, p: float = 1.0, width: tuple[int, int] = (2, 16), length: tuple[int, int] = (10, 25),
+                 angle: tuple[float, float] = (-45.0, 45.0), jitter: tuple[float, float, float, float] = (0.1, 0.1, 0.1, 0.1)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"cut-paste probability must be in [0, 1], got {p}")
+        if not 1 <= width[0] <= width[1] or not 1 <= length[0] <= length[1]:
+            raise ValueError(f"scar width and length must be pixel ranges (low <= high, >= 1), got {width}, {length}")
+        self.p, self.width, self.length, self.angle, self.jitter = p, width, length, angle, jitter
 
     def __call__(self, images: Tensor, variant: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, _, h, w = images.shape
         dev = images.device
-        side = float(min(h, w))
-        if self.scar:
-            pw = _uniform(b, *self.scar_width, generator, dev) * side
-            ph = _uniform(b, *self.scar_length, generator, dev) * side
-            angle = _uniform(b, -self.scar_angle, self.scar_angle, generator, dev) * math.pi / 180
-        else:
-            area = _uniform(b, *self.area, generator, dev) * h * w
-            log_ratio = _uniform(b, math.log(self.aspect[0]), math.log(self.aspect[1]), generator, dev)
-            ratio = log_ratio.exp()
-            pw = (area * ratio).sqrt().clamp(max=w - 1)
-            ph = (area / ratio).sqrt().clamp(max=h - 1)
-            angle = torch.zeros(b, device=dev)
-        # Half extents of the patch's bounding box; a rotated scar may point any way.
-        hx, hy = (torch.maximum(pw, ph) / 2,) * 2 if self.scar else (pw / 2, ph / 2)
+        pw = _randint(*self.width, b, images, generator).clamp(max=w).float()
+        ph = _randint(*self.length, b, images, generator).clamp(max=h).float()
+        sj = _randint(0, (w - pw).long(), b, images, generator).float()
+        si = _randint(0, (h - ph).long(), b, images, generator).float()
+        theta = _uniform(b, *self.angle, images, generator) * (math.pi / 180)
+        cos, sin = theta.cos(), theta.sin()
+        # The rotated patch's bounding box (PIL's expand=True) must lie inside the image.
+        box_w = (pw * cos.abs() + ph * sin.abs()).sub(1e-4).ceil()
+        box_h = (pw * sin.abs() + ph * cos.abs()).sub(1e-4).ceil()
+        tj = _randint(0, (w - box_w).long().clamp(min=0), b, images, generator).float()
+        ti = _randint(0, (h - box_h).long().clamp(min=0), b, images, generator).float()
+        pasted = _rand(b, images, generator) < self.p
 
-        def centre(limit: int, half: Tensor) -> Tensor:
-            return half + torch.rand(b, generator=generator, device=dev) * (limit - 2 * half).clamp(min=0)
-
-        src_x, src_y, dst_x, dst_y = centre(w, hx), centre(h, hy), centre(w, hx), centre(h, hy)
-
-        ys = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1) + 0.5
+        ys = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1) + 0.5  # pixel centres
         xs = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w) + 0.5
-        dx, dy = xs - dst_x.view(b, 1, 1), ys - dst_y.view(b, 1, 1)
-        cos, sin = angle.cos().view(b, 1, 1), angle.sin().view(b, 1, 1)
-        u, v = cos * dx + sin * dy, -sin * dx + cos * dy  # pixel in the patch's own frame
-        inside = (u.abs() <= pw.view(b, 1, 1) / 2) & (v.abs() <= ph.view(b, 1, 1) / 2)
-        sx = (src_x.view(b, 1, 1) + dx).floor().long().clamp(0, w - 1)
-        sy = (src_y.view(b, 1, 1) + dy).floor().long().clamp(0, h - 1)
-        batch = torch.arange(b, device=dev).view(b, 1, 1)
-        moved = images.permute(0, 2, 3, 1)[batch, sy, sx].permute(0, 3, 1, 2)
-        return torch.where(inside.unsqueeze(1), moved, images)
+        col = lambda t: t.view(b, 1, 1)
+        dx, dy = xs - col(tj + box_w / 2), ys - col(ti + box_h / 2)
+        u = col(cos) * dx + col(sin) * dy  # the pixel in the patch's own frame
+        v = -col(sin) * dx + col(cos) * dy
+        half_w, half_h = col(pw) / 2, col(ph) / 2
+        alpha = (half_w + 0.5 - u.abs()).clamp(0, 1) * (half_h + 0.5 - v.abs()).clamp(0, 1)
+        alpha = alpha * col(pasted.float())
+        # Source point: clamped to the patch's outermost pixel centres, so edge pixels are the patch's own.
+        src_x = col(sj) + half_w + torch.maximum(torch.minimum(u, half_w - 0.5), 0.5 - half_w)
+        src_y = col(si) + half_h + torch.maximum(torch.minimum(v, half_h - 0.5), 0.5 - half_h)
+
+        region = ((ys >= col(si)) & (ys < col(si + ph)) & (xs >= col(sj)) & (xs < col(sj + pw))).unsqueeze(1)
+        source = _patch_jitter(images, region.to(images.dtype), self.jitter, generator) if any(self.jitter) else images
+        grid = torch.stack([src_x * (2 / w) - 1, src_y * (2 / h) - 1], -1).to(images.dtype)
+        patch = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        alpha = alpha.unsqueeze(1).to(images.dtype)
+        return alpha * patch + (1 - alpha) * images
+
+
+class Scramble(Shift):
+    """The authors' patch scramble (``segmentScramble``): cells turned, then part of them shuffled.
+
+    The image is cut into cells of ``coefficient`` x its side (4 x 4 cells by default). Each cell
+    is turned by one of rot90, rot180, rot270, horizontal flip or left as it is, uniformly; then
+    with probability ``shuffle_p`` a run of consecutive cells (row-major order, random length 1..n,
+    random start) is shuffled. As theirs, a scrambled image can rarely equal the original (every
+    cell left as it is and no effective shuffle). Sides not divisible into whole cells: the left-
+    over border keeps its pixels (theirs turns black). Needs square cells (square images).
+    """
+
+    name = "scramble"
+
+    def __init__(self, coefficient: float = 0.25, shuffle_p: float = 0.5):
+        if not 0 < coefficient <= 0.5:
+            raise ValueError(f"scramble coefficient must be in (0, 0.5], got {coefficient}")
+        self.coefficient, self.shuffle_p = coefficient, shuffle_p
+
+    def _grid(self, side: int) -> tuple[int, int]:
+        cell = max(1, int(side * self.coefficient))
+        count = side // cell
+        return count, side // count  # cells per side, cell side (their rounding)
+
+    def __call__(self, images: Tensor, variant: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, c, h, w = images.shape
+        (rows, ch), (cols, cw) = self._grid(h), self._grid(w)
+        if ch != cw:
+            raise ValueError(f"scramble turns cells by 90 degrees and needs square cells; image {h}x{w} gives {ch}x{cw}")
+        n, s = rows * cols, ch
+        core = images[..., : rows * s, : cols * s]
+        cells = core.reshape(b, c, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(b, n, c, s, s)
+        choices = torch.stack([torch.rot90(cells, 1, (-2, -1)), torch.rot90(cells, 2, (-2, -1)),
+                               torch.rot90(cells, 3, (-2, -1)), cells.flip(-1), cells])
+        turn = _randint(0, 4, (b, n), images, generator)
+        bi = torch.arange(b, device=images.device).view(b, 1)
+        cells = choices[turn, bi, torch.arange(n, device=images.device).view(1, n)]
+
+        shuffle = _rand(b, images, generator) < self.shuffle_p
+        length = _randint(1, n, b, images, generator)
+        start = _randint(0, n - length, b, images, generator)
+        pos = torch.arange(n, device=images.device).view(1, n)
+        window = (pos >= start.view(b, 1)) & (pos < (start + length).view(b, 1)) & shuffle.view(b, 1)
+        # Sort keys: cells outside the window keep their index; those inside get random keys
+        # within [start - 0.5, start + length - 0.5), so they trade places only among themselves.
+        key = torch.where(window, start.view(b, 1) - 0.5 + _rand((b, n), images, generator) * length.view(b, 1), pos.float())
+        cells = cells[bi, key.argsort(1)]
+
+        out = images.clone()
+        out[..., : rows * s, : cols * s] = cells.reshape(b, rows, cols, c, s, s).permute(0, 3, 1, 4, 2, 5).reshape(
+            b, c, rows * s, cols * s)
+        return out
+
+
+def _beta(a: float, b: float, n: int, images: Tensor, generator, tries: int = 16) -> Tensor:
+    """``n`` draws from Beta(a, b) with the given generator (torch's Beta takes none).
+
+    Johnk's rejection method with ``tries`` proposals at once: x = u^(1/a), y = v^(1/b), accepted
+    if x + y <= 1 (probability G(a+1)G(b+1)/G(a+b+1), 0.85 for a = b = 0.4), giving x / (x + y).
+    If all proposals are rejected (about once in 1e13 draws) the draw is 0.5.
+    """
+    lx = _rand((n, tries), images, generator).clamp(min=1e-12).log() / a
+    ly = _rand((n, tries), images, generator).clamp(min=1e-12).log() / b
+    accept = torch.logaddexp(lx, ly) <= 0  # x + y <= 1, in logs
+    value = torch.sigmoid(lx - ly)  # x / (x + y)
+    first = accept.long().argmax(1, keepdim=True)
+    return torch.where(accept.any(1), value.gather(1, first).squeeze(1), torch.full_like(value[:, 0], 0.5))
+
+
+class Mixup(Shift):
+    """The authors' mixup shift: ``lam * image + (1 - lam) * other``, ``lam ~ Beta(alpha, alpha)``.
+
+    ``other`` is another image of the same batch (batches are drawn at random from the normal
+    images, so it is a random normal image; theirs is drawn from the whole training set and may
+    be the image itself). Theirs casts the mix to uint8, flooring it (at most 1/255 darker);
+    here it stays float. With ``alpha=0.4`` the weight is often near 0 or 1, so some outliers are
+    close to a normal image: that is the authors' recipe.
+    """
+
+    name = "mixup"
+
+    def __init__(self, alpha: float = 0.4):
+        if alpha <= 0:
+            raise ValueError(f"mixup alpha must be positive, got {alpha}")
+        self.alpha = alpha
+
+    def __call__(self, images: Tensor, variant: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b = images.shape[0]
+        lam = _beta(self.alpha, self.alpha, b, images, generator).to(images.dtype).view(b, 1, 1, 1)
+        other = (torch.arange(b, device=images.device) + _randint(1, max(b - 1, 1), b, images, generator)) % b
+        return lam * images + (1 - lam) * images[other]
 
 
 class PatchPermutation(Shift):
@@ -172,23 +396,193 @@ class ShiftSet:
         return out
 
 
-SHIFT_NAMES = ("rotation", "hflip", "cutpaste", "cutpaste_scar", "permutation")
+# ----------------------------------------------------------------------------- the registry
+class ShiftEntry(NamedTuple):
+    """A registered shift: what builds it and one line for ``--help`` and the docs."""
+
+    factory: Callable[[], Shift]
+    description: str
+
+
+SHIFTS: dict[str, ShiftEntry] = {
+    "rotation": ShiftEntry(Rotation, "rotations by 90, 180 and 270 degrees, three outlier kinds (the paper's default)"),
+    "hflip": ShiftEntry(HorizontalFlip, "horizontal mirror image (the authors')"),
+    "cutpaste": ShiftEntry(CutPaste, "a rectangle of 2-15% of the image, aspect 0.3-3.3, copied elsewhere in it "
+                                     "(the authors' CutPaste; always pasted, as their outliers)"),
+    "cutpaste_scar": ShiftEntry(CutPasteScar, "a 2-16 x 10-25 px scar cut from the image, colour-jittered, turned by "
+                                              "up to 45 degrees and pasted elsewhere (the authors' CutPaste-scar)"),
+    "scramble": ShiftEntry(Scramble, "4x4 cells each turned or flipped at random, then half the time a run of them "
+                                     "shuffled (the authors' scramble)"),
+    "mixup": ShiftEntry(Mixup, "a blend with another normal image, weight ~ Beta(0.4, 0.4) (the authors' mixup)"),
+    "permutation": ShiftEntry(PatchPermutation, "2x2 patches shuffled, never in place (ours, not the authors': "
+                                                "theirs is scramble)"),
+}
+SHIFT_NAMES = tuple(SHIFTS)
+AUTO = "auto"
+"""The shift name that :func:`choose_shifts` resolves from the normal images (not a shift itself)."""
 
 
 def build_shifts(names: list[str] | str) -> ShiftSet:
-    """A :class:`ShiftSet` from names such as ``["rotation"]`` or ``"rotation,cutpaste"``."""
+    """A :class:`ShiftSet` from registered names such as ``["rotation"]`` or ``"rotation,cutpaste"``."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    factories = {
-        "rotation": Rotation, "hflip": HorizontalFlip, "cutpaste": CutPaste,
-        "cutpaste_scar": lambda: CutPaste(scar=True), "permutation": PatchPermutation,
-    }
-    unknown = [n for n in names if n not in factories]
+    if AUTO in names:
+        raise ValueError("shifts 'auto' must be resolved from the normal images first: "
+                         "firm.shifts.choose_shifts(images) returns the shift names to build")
+    unknown = [n for n in names if n not in SHIFTS]
     if unknown:
-        raise ValueError(f"unknown shift(s) {unknown}; choose from {', '.join(SHIFT_NAMES)}")
-    return ShiftSet([factories[n]() for n in names])
+        raise ValueError(f"unknown shift(s) {unknown}; choose from {', '.join(SHIFTS)} (or auto)")
+    return ShiftSet([SHIFTS[n].factory() for n in names])
 
 
+# ----------------------------------------------------------------------------- --shifts auto
+_AUTO_SIDE = 32  # side the images are reduced to before measuring anything
+_ORIENTATION_BINS = 12  # gradient-direction bins over the full circle (a quarter turn = 3 bins)
+_AUTO_ACCURACY = 0.75  # worst-turn accuracy for "oriented": at least half the turned copies recognisably not normal
+
+
+def _thumbnails(images: Tensor, side: int, chunk: int = 64) -> Tensor:
+    """Float ``(N, C, side, side)`` thumbnails in [0, 1] (antialiased resize), made a chunk at a time."""
+    out = []
+    for part in images.split(chunk):
+        x = part.float()
+        if images.dtype == torch.uint8:
+            x = x / 255
+        out.append(F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False).cpu())
+    return torch.cat(out)
+
+
+def _structure(grey: Tensor, sigma: float = 3.0) -> Tensor:
+    """``grey`` without its illumination: the best-fitting plane removed, then a Gaussian blur of it
+    (a high-pass). What is left is edges and texture, not the light's direction."""
+    n, _, h, w = grey.shape
+    ys = torch.linspace(-1, 1, h).view(1, 1, h, 1)
+    xs = torch.linspace(-1, 1, w).view(1, 1, 1, w)
+    # On a centred grid 1, y and x are orthogonal, so the least-squares plane is three projections.
+    plane = (grey.mean((2, 3), keepdim=True) + ys * (grey * ys).sum((2, 3), keepdim=True) / (ys.square().sum() * w)
+             + xs * (grey * xs).sum((2, 3), keepdim=True) / (xs.square().sum() * h))
+    flat = grey - plane
+    radius = int(3 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=grey.dtype)
+    k = torch.exp(-t.square() / (2 * sigma**2))
+    k = k / k.sum()
+    blurred = F.conv2d(F.pad(flat, (radius,) * 4, mode="reflect"), k.view(1, 1, 1, -1))
+    blurred = F.conv2d(blurred, k.view(1, 1, -1, 1))
+    return flat - blurred
+
+
+def _orientation_features(thumbs: Tensor) -> Tensor:
+    """Cheap rotation-sensitive descriptors of ``(N, C, S, S)`` thumbnails, ``(N, D)``.
+
+    Magnitude-weighted histograms of the gradient direction over the full circle (signed, so
+    that a top edge and a bottom edge differ) of the image's structure (:func:`_structure`), for
+    the whole image and each quarter; for colour images also where the colours are (4 x 4
+    chromaticity, relative to the image's mean): blue above, green below. Brightness layout is
+    left out on purpose: a lighting gradient, constant over an inspection set, would make any
+    texture look oriented. Quarter turns permute all of these exactly, so for images without an
+    orientation upright and turned copies have the same feature distribution.
+    """
+    n = thumbs.shape[0]
+    g = _structure(_grey(thumbs))[:, 0]
+    gx = g[:, 1:-1, 2:] - g[:, 1:-1, :-2]
+    gy = g[:, 2:, 1:-1] - g[:, :-2, 1:-1]
+    magnitude = (gx.square() + gy.square()).sqrt()
+    position = (torch.atan2(gy, gx) / (2 * math.pi) * _ORIENTATION_BINS) % _ORIENTATION_BINS
+    low = position.floor().long() % _ORIENTATION_BINS
+    frac = position - position.floor()
+    votes = torch.zeros(*magnitude.shape, _ORIENTATION_BINS)  # each pixel votes for its two nearest bins
+    votes.scatter_add_(-1, low.unsqueeze(-1), (magnitude * (1 - frac)).unsqueeze(-1))
+    votes.scatter_add_(-1, ((low + 1) % _ORIENTATION_BINS).unsqueeze(-1), (magnitude * frac).unsqueeze(-1))
+    side = magnitude.shape[-1]
+    half = side // 2
+    regions = torch.zeros(5, side, side)
+    regions[0] = 1
+    for r, (ys, xs) in enumerate([(slice(0, half), slice(0, half)), (slice(0, half), slice(half, side)),
+                                  (slice(half, side), slice(0, half)), (slice(half, side), slice(half, side))], start=1):
+        regions[r, ys, xs] = 1
+    hist = torch.einsum("nhwk,rhw->nrk", votes, regions)
+    parts = [(hist / hist.sum(-1, keepdim=True).clamp(min=1e-8)).reshape(n, -1)]
+    if thumbs.shape[1] == 3:
+        colour = F.adaptive_avg_pool2d(thumbs, 4)
+        chroma = (colour[:, :2] / colour.sum(1, keepdim=True).clamp(min=1e-3)).flatten(2)
+        parts.append((chroma - chroma.mean(2, keepdim=True)).flatten(1))
+    return torch.cat(parts, 1)
+
+
+def _held_out_accuracy(upright: Tensor, turned: Tensor, folds: Tensor, ridge: float = 1.0) -> float:
+    """Cross-validated accuracy of a ridge classifier telling ``upright`` rows from ``turned`` rows;
+    row ``i`` of both comes from image ``i`` and both go to fold ``folds[i]``."""
+    correct = 0
+    for k in folds.unique().tolist():
+        test, train = folds == k, folds != k
+        x = torch.cat([upright[train], turned[train]]).double()
+        y = torch.cat([-torch.ones(int(train.sum())), torch.ones(int(train.sum()))]).double()
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+        x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        penalty = ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
+        penalty[-1, -1] = 0  # the intercept is not shrunk
+        weights = torch.linalg.solve(x.T @ x + penalty, x.T @ y)
+        for rows, sign in ((upright[test], -1), (turned[test], 1)):
+            z = torch.cat([(rows.double() - mean) / std, torch.ones(len(rows), 1, dtype=x.dtype)], 1)
+            correct += int(((z @ weights) * sign > 0).sum())
+    return correct / (2 * len(folds))
+
+
+def choose_shifts(images: Tensor, seed: int = 0, max_images: int = 1000) -> tuple[list[str], str]:
+    """Pick synthetic outliers for ``--shifts auto`` from the normal images alone.
+
+    ``images``: the normal training images, ``(N, C, H, W)``, uint8 (or float in [0, 1]).
+    Returns the shift names and a one-line reason with the measured accuracy (the detector
+    prints it).
+
+    Rotation outliers help only if a rotated normal image is *not* normal: upright objects,
+    clothes, digits, aligned parts. For rotation-invariant images (textures, parts photographed
+    in any orientation) a rotated copy is another normal image, and calling it an outlier teaches
+    the encoder to push normal images apart. So this measures whether turned copies can be told
+    from upright ones. Up to ``max_images`` images (a seeded subset) become 32 x 32 thumbnails;
+    for each turn (90, 180, 270 degrees) a ridge classifier on cheap rotation-sensitive
+    descriptors that ignore the lighting (:func:`_orientation_features`) learns upright vs turned
+    copies, and is scored on held-out images (5 folds, both copies of an image in the same fold).
+    If even the worst turn is told apart with at least 75% accuracy (so at least half the turned
+    copies are recognisably not normal; and three binomial standard errors above chance, which
+    matters below ~40 images), the images have an orientation and the choice is ``["rotation"]``
+    (the paper's outliers, all three turns). Otherwise they are taken as rotation-invariant and
+    the choice is ``["cutpaste", "cutpaste_scar"]``: local defects, outliers of any image, the
+    two kinds the CutPaste paper's best detector used together and the authors' outliers for
+    industrial images. Fewer than 4 images cannot be tested: cut-paste is chosen.
+
+    A cheap proxy: a CNN sees orientation that these descriptors miss, so natural photos with a
+    weak orientation (animals in varied poses, e.g. some CIFAR-10 classes, 55-70%) get cut-paste;
+    set the shifts by hand to override. About a second for 200 images of 256 px on one CPU
+    thread; deterministic for a given ``seed``.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"choose_shifts needs images (N, C, H, W), got shape {tuple(images.shape)}")
+    cut = ["cutpaste", "cutpaste_scar"]
+    n = len(images)
+    if n < 4:
+        return cut, f"only {n} normal image(s): too few to test for an orientation, so cut-paste defects"
+    gen = torch.Generator().manual_seed(seed)
+    if n > max_images:
+        images = images[torch.randperm(n, generator=gen)[:max_images].to(images.device)]
+        n = max_images
+    thumbs = _thumbnails(images, _AUTO_SIDE)
+    upright = _orientation_features(thumbs)
+    folds = torch.randperm(n, generator=gen) % min(5, n)
+    # 270 degrees is the 90-degree problem mirrored (the descriptors permute exactly under quarter
+    # turns, so it is the same problem with the labels swapped): same accuracy, not measured twice.
+    quarter, half = (_held_out_accuracy(upright, _orientation_features(torch.rot90(thumbs, k, (-2, -1))), folds)
+                     for k in (1, 2))
+    worst = min(quarter, half)
+    needed = max(_AUTO_ACCURACY, 0.5 + 3 * 0.5 / math.sqrt(2 * n))
+    detail = (f"upright and turned copies told apart with {worst:.0%} held-out accuracy at worst "
+              f"(90 and 270 degrees {quarter:.0%}, 180 degrees {half:.0%}; chance 50%, needed {needed:.0%})")
+    if worst >= needed:
+        return ["rotation"], f"{detail}: the images have an orientation, so rotations make outliers"
+    return cut, f"{detail}: the images look rotation-invariant, so cut-paste defects make outliers"
+
+
+# ----------------------------------------------------------------------------- batch composition
 @dataclass
 class BatchPlan:
     """Which source image and which variant fill each batch slot, epoch by epoch.

@@ -2,7 +2,8 @@
 
 * encoder vs whole step: the encoder alone (forward + backward of ``z.sum()`` on ready-made
   views) against the whole :meth:`Trainer.step`, both counted per training image (two views
-  each), measured interleaved so that background load hits both alike;
+  each), in float32 and under bf16 autocast (channels-last), all measured interleaved so that
+  background load hits them alike; the bf16 / float32 throughput ratios are reported;
 * the grouped FIRM loss against the dense-mask formula of the authors' code (time and value);
 * exact top-k cosine kNN (:func:`~firm.scoring.knn_similarity`) against the bare matmul that
   any exact method must do and against scikit-learn's brute-force search.
@@ -17,13 +18,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bench import PRESETS
+from .config import preset
 from .losses import OUTLIER_LABEL, FIRMLoss
 from .models import Encoder, ModelConfig
 from .scoring import knn_similarity
@@ -143,20 +145,13 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "ru_maxrss (whole process so far)"
 
 
-def measure_step(device: torch.device | str = "cpu", width: int = 16, batch_size: int = 256, amp: bool = False,
-                 head: str = "cpu", warmup: int = 3, repeats: int = 9, seed: int = 0) -> dict:
-    """Encoder-only forward + backward against the whole :meth:`Trainer.step`, in training images
-    per second; ``step_over_encoder`` is their ratio (1 = the rest of the step costs nothing)."""
-    device = resolve_device(str(device))
-    preset = PRESETS[head]
-    model = Encoder(ModelConfig(width=width, head_hidden=preset["head_hidden"], head_layers=preset["head_layers"]))
-    images = torch.randint(0, 256, (max(batch_size, 64), 3, 32, 32), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(seed))
+def _step_functions(model: Encoder, device: torch.device, images: Tensor, batch_size: int, amp: bool, steps: int,
+                    seed: int) -> dict[str, Callable[[], None]]:
+    """The encoder alone and the whole :meth:`Trainer.step` of a fresh trainer, in float32 or
+    under bf16 autocast, both channels-last."""
     # Enough scheduled steps that OneCycleLR never runs out during the measurement.
-    config = TrainConfig(loss="firm", epochs=warmup + repeats + 10, batch_size=batch_size, lr=0.02, seed=seed,
-                         device=str(device), amp=amp, channels_last=True, checkpoint_every=0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    config = TrainConfig(loss="firm", epochs=steps, batch_size=batch_size, lr=0.02, seed=seed, device=str(device),
+                         amp=amp, channels_last=True, checkpoint_every=0)
     trainer = Trainer(model, config, images, progress=False)
     trainer.seed_epoch(0)
     index, variant = trainer.plan.epoch(0, device)
@@ -174,12 +169,49 @@ def measure_step(device: torch.device | str = "cpu", width: int = 16, batch_size
         s = next(count) % len(index)
         trainer.step(index[s], variant[s])
 
-    times = _interleaved({"encoder": encoder_only, "step": whole_step}, device, warmup, repeats)
+    return {"encoder": encoder_only, "step": whole_step}
+
+
+def measure_step(device: torch.device | str = "cpu", width: int = 16, batch_size: int = 256, amp: bool = False,
+                 head: str = "cpu", warmup: int = 3, repeats: int = 9, seed: int = 0, compare_bf16: bool = True) -> dict:
+    """Encoder-only forward + backward against the whole :meth:`Trainer.step`, in training images
+    per second; ``step_over_encoder`` is their ratio (1 = the rest of the step costs nothing).
+
+    The plain keys are for the precision ``amp`` asks for. With ``compare_bf16`` both float32 and
+    bf16 autocast (channels-last both, the same initial weights) are measured, all four
+    interleaved, and ``bf16_speedup_step`` / ``bf16_speedup_encoder`` are the bf16 throughput
+    over the float32 one: one run checks a claim such as "bf16 autocast is 1.7-1.9x float32".
+    ``head`` names the preset (:func:`firm.config.preset`) whose projection head is used.
+    """
+    device = resolve_device(str(device))
+    model_config = preset(head).model
+    model = Encoder(ModelConfig(width=width, head_hidden=model_config.head_hidden, head_layers=model_config.head_layers))
+    images = torch.randint(0, 256, (max(batch_size, 64), 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(seed))
+    main = "bf16" if amp else "float32"
+    precisions = ("float32", "bf16") if compare_bf16 else (main,)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fns = {}
+    for precision in precisions:
+        net = model if precision == precisions[-1] else deepcopy(model)  # the same initial weights for both
+        for part, fn in _step_functions(net, device, images, batch_size, precision == "bf16", warmup + repeats + 10,
+                                        seed).items():
+            fns[f"{part}_{precision}"] = fn
+    times = _interleaved(fns, device, warmup, repeats)
     peak, kind = _peak_memory_mb(device)
-    encoder, step = batch_size / times["encoder"], batch_size / times["step"]
-    return {"encoder_imgs_per_s": encoder, "step_imgs_per_s": step, "step_over_encoder": step / encoder,
-            "encoder_seconds": times["encoder"], "step_seconds": times["step"],
-            "peak_memory_mb": peak, "peak_memory_kind": kind, "model": model.config.to_dict(), "head": head}
+    if len(precisions) > 1:
+        kind += ", both precisions' trainers alive"
+    rate = {name: batch_size / t for name, t in times.items()}
+    encoder, step = rate[f"encoder_{main}"], rate[f"step_{main}"]
+    out = {"encoder_imgs_per_s": encoder, "step_imgs_per_s": step, "step_over_encoder": step / encoder,
+           "encoder_seconds": times[f"encoder_{main}"], "step_seconds": times[f"step_{main}"],
+           "peak_memory_mb": peak, "peak_memory_kind": kind, "model": model.config.to_dict(), "head": head}
+    if compare_bf16:
+        out.update({name.replace("_", "_imgs_per_s_", 1): r for name, r in rate.items()})  # encoder_imgs_per_s_bf16 ...
+        out["bf16_speedup_encoder"] = rate["encoder_bf16"] / rate["encoder_float32"]
+        out["bf16_speedup_step"] = rate["step_bf16"] / rate["step_float32"]
+    return out
 
 
 def measure_knn(bank_size: int = 50_000, queries: int = 10_000, dim: int = 512, k: int = 5,
@@ -218,11 +250,13 @@ TARGETS = {"loss_speedup_vs_dense >= 2": lambda r: r["loss_speedup_vs_dense"] >=
 
 def run_speed(device: str = "cpu", width: int = 16, batch_size: int = 256, amp: bool = False, head: str = "cpu",
               loss_sizes: tuple[int, ...] = (256, 1024, 4096), knn: dict | None = None, repeats: int = 5) -> dict:
-    """Every measurement as one flat dict (what speed.json holds)."""
+    """Every measurement as one flat dict (what speed.json holds). The training step is measured in
+    float32 and under bf16 autocast in the same run (``bf16_speedup_step``, ``bf16_speedup_encoder``);
+    ``amp`` picks which of the two the plain ``encoder_imgs_per_s`` / ``step_imgs_per_s`` report."""
     dev = resolve_device(device)
     result = {**machine_info(dev), "width": width, "batch_size": batch_size, "amp": amp}
     # The step runs first so that the process's peak RSS is the step's, not the kNN matmul's.
-    result.update(measure_step(dev, width, batch_size, amp, head, repeats=repeats))
+    result.update(measure_step(dev, width, batch_size, amp, head, warmup=min(3, repeats), repeats=repeats))
     result.update(measure_loss(loss_sizes, device=dev, repeats=repeats))
     result.update(measure_knn(**(knn or {})))
     result["targets_met"] = {name: bool(check(result)) for name, check in TARGETS.items()}
@@ -234,6 +268,9 @@ def _table(r: dict) -> str:
               f"width {r['width']}, batch {r['batch_size']}, amp {'on' if r['amp'] else 'off'}"),
              f"{'encoder fwd+bwd':28s}{r['encoder_imgs_per_s']:12.1f} img/s",
              f"{'whole training step':28s}{r['step_imgs_per_s']:12.1f} img/s  ({r['step_over_encoder']:.2f} of encoder)",
+             *([f"{'bf16 autocast / float32':28s}{r['bf16_speedup_step']:12.2f} x   step "
+                f"({r['step_imgs_per_s_bf16']:.1f} vs {r['step_imgs_per_s_float32']:.1f} img/s), "
+                f"encoder x{r['bf16_speedup_encoder']:.2f}"] if "bf16_speedup_step" in r else []),
              f"{'peak memory (step)':28s}{r['peak_memory_mb']:12.1f} MiB"]
     for row in r["loss"]:
         lines.append(f"{'loss fwd+bwd N=' + str(row['n']):28s}{row['firm_ms']:12.2f} ms  dense {row['dense_ms']:.2f} ms"

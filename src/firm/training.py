@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,57 +26,35 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .losses import LOSS_NAMES, batch_labels, build_loss
+from .config import TrainConfig
+from .losses import LOSSES, batch_labels, build_loss, resolve_mode
 from .models import Encoder
-from .serialization import DictConfig, ModelFileError, atomic_write, load_tensors, save_tensors, to_cpu_state
+from .serialization import ModelFileError, atomic_write, load_tensors, save_tensors, to_cpu_state
 from .shifts import BatchPlan, build_shifts
 from .views import ViewAugment, ViewConfig
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve_device", "machine_info", "init_distributed", "CHECKPOINT", "LOG"]
-
-CHECKPOINT = "checkpoint.safetensors"
-LOG = "log.jsonl"
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve_device", "machine_info", "init_distributed",
+           "check_train_config", "TrainFiles"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN); the last checkpoint is kept."""
 
 
-@dataclass
-class TrainConfig(DictConfig):
-    """How to train; the defaults are the authors' reference setting (FIRM.md)."""
-
-    loss: str = "firm"
-    tau: float = 0.2
-    loss_mode: str = "concat"
-    epochs: int = 2000
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    id_share: float | None = None
-    shifts: list[str] = field(default_factory=lambda: ["rotation"])
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-    checkpoint_every: int = 10
-    eval_every: int = 0
-    views: ViewConfig = field(default_factory=ViewConfig)
-
-    def __post_init__(self):
-        if isinstance(self.views, dict):
-            self.views = ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.views.items()})
-        if isinstance(self.shifts, str):
-            self.shifts = [s.strip() for s in self.shifts.split(",") if s.strip()]
-        if self.loss not in LOSS_NAMES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+def check_train_config(config: TrainConfig) -> None:
+    """Refuse settings training cannot use, naming the setting (before any image is read)."""
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
+    resolve_mode(config.loss, config.loss_mode)
+    for name in ("epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.lr <= 0 or config.tau <= 0:
+        raise ValueError(f"lr and tau must be positive, got lr {config.lr}, tau {config.tau}")
+    if not 0 < config.warmup < 1:
+        raise ValueError(f"warmup (the one-cycle warm-up share) must be in (0, 1), got {config.warmup}")
+    if config.shifts != ["auto"]:
+        build_shifts(config.shifts)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -127,19 +105,32 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass(frozen=True)
+class TrainFiles:
+    """Where a Trainer writes: the JSON-lines log and the (atomically replaced) checkpoint."""
+
+    log: Path
+    checkpoint: Path
+
+
 class Trainer:
     """Trains an :class:`Encoder` on normal images with synthetic (or auxiliary) outliers.
 
     ``images`` are the normal training images, uint8 ``(N, C, H, W)``; ``class_labels`` their ID
     class ids (all 0 in the one-class setting); ``auxiliary`` optional real outlier images
     (Outlier Exposure) that replace the shifted copies. ``evaluate(model, epoch)`` is called
-    every ``eval_every`` epochs for learning curves; its dict goes into the log only.
-    ``run_dir`` receives ``log.jsonl`` and checkpoints (rank 0 only).
+    before the first epoch and every ``eval_every`` epochs for learning curves; its dict goes
+    into the log only.
+    ``files`` names where the log and the checkpoint go (rank 0 only; the run folder's layout
+    decides the names); without it nothing is written.
     """
 
     def __init__(self, model: Encoder, config: TrainConfig, images: Tensor, class_labels: Tensor | None = None,
-                 auxiliary: Tensor | None = None, run_dir: str | os.PathLike | None = None,
+                 auxiliary: Tensor | None = None, files: TrainFiles | None = None,
                  evaluate: Callable[[Encoder, int], dict] | None = None, progress: bool = True):
+        check_train_config(config)
+        if config.shifts == ["auto"]:
+            raise ValueError("shifts 'auto' must be resolved from the normal images before training (firm.shifts.choose_shifts)")
         self.config = config
         self.device = init_distributed(config.device)
         self.rank, self.world = _rank_world()
@@ -163,14 +154,18 @@ class Trainer:
         # variant); every such slot is filled with an auxiliary image instead.
         self.plan = BatchPlan(len(images), config.batch_size, self.shifts.num_variants, config.id_share,
                               outlier_sources=len(auxiliary) if auxiliary is not None else None, seed=config.seed)
-        self.views = ViewAugment(config.views)
+        self.views = ViewAugment(ViewConfig(size=images.shape[-1], crop_scale=tuple(config.crop_scale),
+                                            jitter=tuple(config.jitter), blur_p=config.blur_p))
         self.loss_fn = build_loss(config.loss, config.tau, config.loss_mode)
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.files = files
         self.evaluate = evaluate
         self.progress = progress and self.rank == 0
 
         self.model = model.to(self.device)
-        if config.channels_last:
+        # PyTorch's CPU channels-last convolution backward corrupts memory at widths below 8
+        # (segfaults and double frees seen with width 4 on torch 2.13); it is a speed option only.
+        self.channels_last = config.channels_last and (model.config.width >= 8 or self.device.type != "cpu")
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
         if self.world > 1:
@@ -185,7 +180,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=config.lr,
-                                                             total_steps=config.epochs * self.plan.steps_per_epoch())
+                                                             total_steps=config.epochs * self.plan.steps_per_epoch(),
+                                                             pct_start=config.warmup)
         self.generator = torch.Generator(device=self.device)
         self.host_generator = torch.Generator()
         self.epoch = 0
@@ -207,7 +203,7 @@ class Trainer:
         labels = batch_labels(self.config.loss, classes, variant)
         views = torch.cat([self.views(x, self.generator, self.host_generator),
                            self.views(x, self.generator, self.host_generator)])
-        if self.config.channels_last:
+        if self.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         return views, labels
 
@@ -238,9 +234,11 @@ class Trainer:
         """Train to ``config.epochs`` (continuing from the run's checkpoint if ``resume``)."""
         if resume:
             self.load_checkpoint()
-        elif self.rank == 0 and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run_dir / LOG, "")
+        else:
+            if self.rank == 0 and self.files is not None:
+                atomic_write(self.files.log, "")
+            if self.config.eval_every and self.evaluate is not None and self.rank == 0:
+                self._log({"epoch": 0, **self.evaluate(self.model, 0)})  # the curve's untrained start
         cfg = self.config
         self.model.train()
         epochs = tqdm(range(self.epoch, cfg.epochs), desc=f"train {cfg.loss}", disable=not self.progress,
@@ -261,7 +259,7 @@ class Trainer:
                 dist.all_reduce(t)
                 mean_loss = float(t) / self.world
             if not math.isfinite(mean_loss):
-                where = f"; the last good checkpoint in {self.run_dir} is kept" if self.run_dir else ""
+                where = f"; the last good checkpoint {self.files.checkpoint} is kept" if self.files else ""
                 raise TrainingError(f"the loss became {mean_loss} in epoch {epoch + 1}{where}. Lower the learning rate "
                                     "(--lr) or disable mixed precision (--amp off).")
             self.epoch = epoch + 1
@@ -282,16 +280,16 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.rank != 0 or self.run_dir is None:
+        if self.rank != 0 or self.files is None:
             return
-        with open(self.run_dir / LOG, "a") as f:
+        with open(self.files.log, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
         """Atomically write weights, optimizer, scheduler and epoch (rank 0). Random state needs
         no saving: data order and augmentations are seeded per epoch."""
-        if self.rank != 0 or self.run_dir is None:
+        if self.rank != 0 or self.files is None:
             return
         tensors = {f"model.{k}": v for k, v in to_cpu_state(self.model).items()}
         optim = self.optimizer.state_dict()
@@ -299,20 +297,20 @@ class Trainer:
             tensors.update({f"optim.{index}.{name}": v for name, v in state.items() if isinstance(v, Tensor)})
         meta = {"epoch": self.epoch, "scheduler": self.scheduler.state_dict(), "param_groups": optim["param_groups"],
                 "train": self.config.to_dict(), "model": self.model.config.to_dict()}
-        save_tensors(self.run_dir / CHECKPOINT, tensors, meta)
+        save_tensors(self.files.checkpoint, tensors, meta)
 
     def load_checkpoint(self) -> None:
-        if self.run_dir is None:
+        if self.files is None:
             raise ValueError("resume needs the run folder that holds the checkpoint")
-        tensors, meta = load_tensors(self.run_dir / CHECKPOINT, "checkpoint")
+        tensors, meta = load_tensors(self.files.checkpoint, "checkpoint")
         if meta.get("model") != self.model.config.to_dict():
-            raise ModelFileError(f"checkpoint in {self.run_dir} is for another model ({meta.get('model')}); "
+            raise ModelFileError(f"checkpoint {self.files.checkpoint} is for another model ({meta.get('model')}); "
                                  "resume with the same settings or start a new run folder")
         state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(state)
         except RuntimeError as e:
-            raise ModelFileError(f"checkpoint weights in {self.run_dir} do not match the model: {e}") from e
+            raise ModelFileError(f"checkpoint weights in {self.files.checkpoint} do not match the model: {e}") from e
         # The optimizer's param groups carry the lr and momentum the scheduler last set.
         state: dict[int, dict] = {}
         for key, value in tensors.items():
@@ -323,7 +321,7 @@ class Trainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.epoch = int(meta["epoch"])
         if self.rank == 0:
-            log = self.run_dir / LOG
+            log = self.files.log
             kept = [line for line in (log.read_text().splitlines() if log.exists() else [])
                     if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch]
             atomic_write(log, "".join(line + "\n" for line in kept))

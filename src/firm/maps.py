@@ -1,0 +1,379 @@
+"""Anomaly maps: PatchCore-style patch scoring on the encoder's backbone (FIRM-trained or not).
+
+How a map is made (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", 2022):
+
+1. *Patch features.* The backbone's stage-2 and stage-3 feature maps (the mid-level layers:
+   stage 1 is too generic, stage 4 too specific to what the network was trained on) are each
+   averaged over a 3 x 3 neighbourhood, so that a patch feature describes its surroundings too.
+   Stage 3 is bilinearly upsampled to stage 2's grid; a grid finer than ``max_grid`` cells per
+   side (CIFAR stems keep stage 2 at half the image size) is average-pooled down to it, which
+   bounds the patches per image. Each stage is L2-normalised per patch and the two are
+   concatenated and divided by sqrt(2): every patch feature is a unit vector, both stages weigh
+   the same whatever their scale (a random and a trained network's stages differ by orders of
+   magnitude), and the Euclidean distance between patches is ``sqrt(2 - 2 cos)``, so the
+   nearest-neighbour search is the project's cosine search (:func:`~firm.scoring.knn_similarity`).
+2. *Memory bank.* The patch features of all normal training images, subsampled by greedy
+   k-center coreset selection (each new member is the patch farthest from the members so far,
+   distances measured on a random projection to ``projection_dim`` dimensions) to
+   ``coreset`` of the patches and at most ``max_bank`` of them: the bank, and so the memory
+   and the search per test patch, stay bounded however many training images there are.
+3. *Maps.* Each test patch's distance to its nearest bank patch, bilinearly upsampled to the
+   input image size and smoothed by a Gaussian (sigma 4 px, as PatchCore). The image score is
+   the map's maximum (higher = more anomalous).
+
+Metrics: :func:`pixel_auroc` (ROC over all pixels) and :func:`pro_score` (area under the
+per-region-overlap curve up to a false-positive rate of 0.3, normalised, as in MVTec AD).
+:func:`save_overlays` writes heat-map overlays and an ``index.csv`` that ``firm report`` reads.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .evaluation import auroc
+from .features import model_device
+from .models import Encoder
+from .scoring import knn_similarity
+from .serialization import atomic_write
+
+__all__ = ["PatchBank", "patch_features", "greedy_coreset", "gaussian_blur", "image_scores", "pixel_auroc",
+           "pro_score", "map_metrics", "save_overlays", "read_overlay_index", "MAPS_INDEX"]
+
+MAPS_INDEX = "index.csv"  # written by save_overlays beside the PNG files: file, name, score
+_STAGES = (2, 3)
+
+
+def _grid_size(h: int, w: int, max_grid: int) -> tuple[int, int]:
+    return min(h, max_grid), min(w, max_grid)
+
+
+@torch.no_grad()
+def patch_features(encoder: Encoder, x: Tensor, stages: Sequence[int] = _STAGES, max_grid: int = 32) -> Tensor:
+    """Unit-norm patch features ``(B, D, h, w)`` of images ``x`` (float, in [0, 1], on the
+    encoder's device), on the first stage's grid capped at ``max_grid`` cells per side."""
+    maps = encoder.feature_maps(x, tuple(stages))
+    grid = _grid_size(*maps[0].shape[-2:], max_grid)
+    parts = []
+    for m in maps:
+        m = F.avg_pool2d(m.float(), 3, stride=1, padding=1, count_include_pad=False)
+        if m.shape[-2] > grid[0] or m.shape[-1] > grid[1]:
+            m = F.adaptive_avg_pool2d(m, grid)
+        if m.shape[-2:] != grid:
+            m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+        parts.append(F.normalize(m, dim=1))
+    return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
+def greedy_coreset(features: Tensor, size: int, projection_dim: int | None = 128, seed: int = 0) -> Tensor:
+    """Indices of ``size`` rows of ``features`` ``(N, D)`` chosen by greedy k-center selection.
+
+    Starts from a seeded random row; each next row is the one farthest from those chosen so
+    far, so the chosen rows cover all rows with the smallest radius greedy can find. Distances
+    are measured on a seeded Gaussian random projection to ``projection_dim`` dimensions when
+    ``D`` is larger (None: never). Stops early, with fewer rows, once every row coincides with
+    a chosen one. Cost: ``size`` passes over the ``(N, projection_dim)`` matrix.
+    """
+    n = len(features)
+    size = min(int(size), n)
+    if size < 1:
+        raise ValueError(f"coreset size must be >= 1, got {size}")
+    gen = torch.Generator().manual_seed(seed)
+    x = features.detach().float().cpu()
+    if projection_dim is not None and x.shape[1] > projection_dim:
+        x = x @ (torch.randn(x.shape[1], projection_dim, generator=gen) / math.sqrt(projection_dim))
+    x = x.contiguous()
+    sq = (x * x).sum(1)
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(n, (1,), generator=gen))
+    mind = torch.full((n,), float("inf"))  # squared distance of each row to its nearest chosen row
+    threads = torch.get_num_threads()
+    # One small pass per step: on a busy machine, handing each pass to several threads costs
+    # more than the pass itself (7x slower on a loaded 2-core machine), so run it in one thread.
+    torch.set_num_threads(1)
+    try:
+        count = 1
+        while True:
+            i = int(chosen[count - 1])
+            torch.minimum(mind, (sq - 2 * (x @ x[i]) + sq[i]).clamp_(min=0), out=mind)
+            mind[i] = 0  # exactly covered, whatever the rounding
+            if count == size:
+                break
+            j = int(mind.argmax())
+            if float(mind[j]) <= 0:
+                break  # every row coincides with a chosen one
+            chosen[count] = j
+            count += 1
+    finally:
+        torch.set_num_threads(threads)
+    return chosen[:count]
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """``(N, H, W)`` maps smoothed by a separable Gaussian of ``sigma`` pixels (reflected
+    borders; kernel radius 4 sigma, as PatchCore's). ``sigma <= 0`` returns the maps unchanged."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(maps.device)
+    x = maps.float().unsqueeze(1)
+    h, w = x.shape[-2:]
+    # reflection needs a border narrower than the map; replicate beyond that (tiny maps only)
+    mode_h = "reflect" if radius < h else "replicate"
+    mode_w = "reflect" if radius < w else "replicate"
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode_h), k.view(1, 1, -1, 1))
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode_w), k.view(1, 1, 1, -1))
+    return x.squeeze(1)
+
+
+def image_scores(maps: Tensor) -> Tensor:
+    """Image anomaly scores: the maximum of each map ``(N, H, W)`` -> ``(N,)``."""
+    return maps.flatten(1).amax(1)
+
+
+class PatchBank:
+    """Patch-level anomaly detector on an encoder's backbone (PatchCore-style); see the module doc.
+
+    Parameters: ``encoder`` (its backbone is used, in eval mode, never changed), ``stages``
+    (1-indexed ResNet stages; the first sets the patch grid), ``coreset`` (share of the training
+    patches kept, 1.0 = all), ``max_bank`` (at most this many patches kept: bounds memory and
+    the search), ``projection_dim`` (dimensions of the random projection for the coreset
+    selection), ``sigma`` (Gaussian smoothing of the maps, in input pixels), ``max_grid``
+    (patches per side at most), ``batch_size`` (images per forward pass and per search),
+    ``seed``.
+
+    Fitted attributes: ``bank_`` (unit-norm patch features ``(M, D)``), ``n_patches_`` (training
+    patches before the coreset), ``grid_`` (patch grid of the training images).
+    Follows the PyOD sign convention: higher = more anomalous.
+    """
+
+    def __init__(self, encoder: Encoder, stages: Sequence[int] = _STAGES, coreset: float = 0.1, max_bank: int = 16384,
+                 projection_dim: int | None = 128, sigma: float = 4.0, max_grid: int = 32, batch_size: int = 32,
+                 seed: int = 0):
+        self.encoder, self.stages, self.coreset, self.max_bank = encoder, tuple(stages), coreset, max_bank
+        self.projection_dim, self.sigma, self.max_grid = projection_dim, sigma, max_grid
+        self.batch_size, self.seed = batch_size, seed
+
+    def _check(self) -> None:
+        if not self.stages or sorted(set(self.stages)) != list(self.stages) or min(self.stages) < 1:
+            raise ValueError(f"stages must be increasing 1-indexed backbone stages, got {self.stages}")
+        if not 0 < self.coreset <= 1:
+            raise ValueError(f"coreset must be a share in (0, 1], got {self.coreset}")
+        if self.max_bank < 1 or self.max_grid < 1 or self.batch_size < 1:
+            raise ValueError("max_bank, max_grid and batch_size must be >= 1")
+
+    @staticmethod
+    def _as_images(images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.dtype != torch.uint8:
+            raise ValueError("images must be a uint8 tensor (N, C, H, W), as firm.data's readers return them; got "
+                             f"{type(images).__name__} {getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}")
+        if len(images) == 0:
+            raise ValueError("no images")
+        return images
+
+    def _patches(self, images: Tensor):
+        """Yield ``(start, patch features (B, D, h, w) on the CPU)`` batch by batch, in eval mode."""
+        model, device = self.encoder, model_device(self.encoder)
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(images), self.batch_size):
+                x = images[start:start + self.batch_size].to(device).float().div_(255)
+                yield start, patch_features(model, x, self.stages, self.max_grid).cpu()
+        finally:
+            model.train(was_training)
+
+    def fit(self, images: Tensor) -> "PatchBank":
+        """Build the memory bank from normal uint8 images ``(N, C, H, W)``."""
+        self._check()
+        images = self._as_images(images)
+        chunks = []
+        for _, p in self._patches(images):
+            self.grid_ = tuple(p.shape[-2:])
+            chunks.append(p.permute(0, 2, 3, 1).reshape(-1, p.shape[1]))
+        feats = torch.cat(chunks)
+        self.n_patches_ = len(feats)
+        size = min(self.max_bank, max(1, math.ceil(self.coreset * len(feats))))
+        if size < len(feats):
+            feats = feats[greedy_coreset(feats, size, self.projection_dim, self.seed)]
+        self.bank_ = feats.contiguous()
+        return self
+
+    def anomaly_maps(self, images: Tensor) -> Tensor:
+        """Anomaly maps ``(N, H, W)`` at the images' size (float32, higher = more anomalous):
+        nearest-bank-patch distance, upsampled bilinearly, smoothed by the Gaussian."""
+        if not hasattr(self, "bank_"):
+            raise RuntimeError("PatchBank is not fitted: call fit(normal_images) first")
+        images = self._as_images(images)
+        out = torch.empty(len(images), *images.shape[-2:])
+        for start, p in self._patches(images):
+            b, d, h, w = p.shape
+            cos = knn_similarity(self.bank_, p.permute(0, 2, 3, 1).reshape(-1, d), 1)[:, 0]
+            dist = (2 - 2 * cos).clamp_(min=0).sqrt_().view(b, 1, h, w)
+            up = F.interpolate(dist, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            out[start:start + b] = gaussian_blur(up.squeeze(1), self.sigma)
+        return out
+
+    def score(self, images: Tensor) -> Tensor:
+        """Image anomaly scores ``(N,)``: the maximum of each anomaly map."""
+        return image_scores(self.anomaly_maps(images))
+
+
+def _check_maps_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    m = np.asarray(maps.detach().cpu() if isinstance(maps, Tensor) else maps, dtype=np.float64)
+    g = np.asarray(masks.detach().cpu() if isinstance(masks, Tensor) else masks)
+    if m.shape != g.shape or m.ndim != 3:
+        raise ValueError(f"maps and masks must both be (N, H, W) of the same shape; got {m.shape} and {g.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("anomaly maps contain NaN or infinite values")
+    return m, g != 0
+
+
+def pixel_auroc(maps, masks) -> float:
+    """AUROC of the map values over all pixels of all images, defect pixels (mask != 0) being
+    the positives; equal to ``sklearn.metrics.roc_auc_score(masks.ravel() != 0, maps.ravel())``."""
+    m, g = _check_maps_masks(maps, masks)
+    return auroc(m.ravel(), g.ravel().astype(np.int64))
+
+
+def pro_score(maps, masks, max_fpr: float = 0.3) -> float:
+    """Area under the per-region-overlap (PRO) curve up to ``max_fpr``, divided by ``max_fpr``
+    (MVTec AD's AU-PRO, exact: every distinct map value is a threshold).
+
+    Regions are the 8-connected components of each mask. At a threshold, a region's overlap is
+    the share of its pixels above it, PRO is the mean overlap over all regions of all images
+    (each region weighs the same, whatever its size), and the false-positive rate is the share
+    of defect-free pixels above it. Images without defects add only defect-free pixels.
+    """
+    from scipy import ndimage
+
+    if not 0 < max_fpr <= 1:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    m, g = _check_maps_masks(maps, masks)
+    regions = np.zeros(g.shape, dtype=np.int64)
+    offset = 0
+    for i in range(len(g)):
+        labelled, count = ndimage.label(g[i], structure=np.ones((3, 3), dtype=int))
+        regions[i] = np.where(labelled > 0, labelled + offset, 0)
+        offset += count
+    n_ok = int((~g).sum())
+    if offset == 0 or n_ok == 0:
+        raise ValueError("PRO needs defect regions and defect-free pixels; the masks hold only one kind")
+    sizes = np.bincount(regions.ravel(), minlength=offset + 1).astype(np.float64)
+    flat_regions = regions.ravel()
+    fp_step = np.where(flat_regions == 0, 1.0 / n_ok, 0.0)
+    pro_step = np.where(flat_regions > 0, 1.0 / (offset * sizes[flat_regions].clip(min=1)), 0.0)
+    order = np.argsort(-m.ravel(), kind="stable")
+    values = m.ravel()[order]
+    fpr, pro = np.cumsum(fp_step[order]), np.cumsum(pro_step[order])
+    last = np.r_[values[1:] != values[:-1], True]  # tied values form one threshold
+    fpr = np.r_[0.0, fpr[last].clip(max=1)]
+    pro = np.r_[0.0, pro[last].clip(max=1)]
+    keep = fpr <= max_fpr
+    x, y = fpr[keep], pro[keep]
+    if x[-1] < max_fpr:  # close the curve at max_fpr by linear interpolation
+        j = int(np.searchsorted(fpr, max_fpr, side="right"))
+        x0, x1, y0, y1 = fpr[j - 1], fpr[j], pro[j - 1], pro[j]
+        x, y = np.r_[x, max_fpr], np.r_[y, y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)]
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / max_fpr)
+
+
+def map_metrics(maps, masks=None, is_anomaly=None, max_fpr: float = 0.3) -> dict:
+    """``image_auroc`` (map maxima against ``is_anomaly``), ``pixel_auroc`` and ``pro`` (when
+    masks are given), each left out when its labels hold only one kind."""
+    out = {}
+    if is_anomaly is not None and len(np.unique(np.asarray(is_anomaly))) == 2:
+        out["image_auroc"] = auroc(image_scores(torch.as_tensor(maps)).numpy(), np.asarray(is_anomaly))
+    if masks is not None and 0 < int((torch.as_tensor(masks) != 0).sum()) < torch.as_tensor(masks).numel():
+        out["pixel_auroc"] = pixel_auroc(maps, masks)
+        out["pro"] = pro_score(maps, masks, max_fpr)
+    return out
+
+
+def _overlay_names(paths_or_names: Sequence[str | os.PathLike]) -> list[str]:
+    """File names for the overlays: the image's stem, with its folder's name in front when two
+    images share a stem (MVTec AD's test/crack/000.png and test/good/000.png), then a number."""
+    paths = [Path(str(p)) for p in paths_or_names]
+    stems = [p.stem or "image" for p in paths]
+    names = [f"{p.parent.name}_{s}" if stems.count(s) > 1 and p.parent.name else s for p, s in zip(paths, stems)]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if names.count(n) == 1 else f"{n}_{seen[n]}")
+    return [f"{n}.png" for n in out]
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it: the outline drawn on overlays."""
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def save_overlays(images: Tensor, maps: Tensor, paths_or_names: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  vmax: float | None = None, vmin: float | None = None, alpha: float = 0.5, masks: Tensor | None = None,
+                  colormap: str = "jet") -> list[Path]:
+    """Write one PNG per image: its anomaly map as a heat map (``colormap``, blended with
+    ``alpha``) over the image, and ``index.csv`` (file, name, score = map maximum) beside them.
+
+    Colours span ``[vmin, vmax]`` (default: the smallest and largest value of all ``maps``,
+    so the overlays of one call are comparable; pass a fixed ``vmax``, e.g. a threshold, to
+    compare across calls). ``masks`` (N, H, W), when given, are outlined in white. Files are
+    written atomically; returns their paths.
+    """
+    import matplotlib
+    from PIL import Image
+
+    images, maps = torch.as_tensor(images), torch.as_tensor(maps).float()
+    if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be uint8 (N, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if maps.shape != (len(images), *images.shape[-2:]):
+        raise ValueError(f"maps must be (N, H, W) = {(len(images), *images.shape[-2:])}, got {tuple(maps.shape)}")
+    if len(paths_or_names) != len(images):
+        raise ValueError(f"{len(paths_or_names)} names for {len(images)} images")
+    if masks is not None and tuple(masks.shape) != tuple(maps.shape):
+        raise ValueError(f"masks must have the maps' shape {tuple(maps.shape)}, got {tuple(masks.shape)}")
+    lo = float(maps.min()) if vmin is None else float(vmin)
+    hi = float(maps.max()) if vmax is None else float(vmax)
+    scale = (maps - lo) / max(hi - lo, 1e-12)
+    cmap = matplotlib.colormaps[colormap]
+    out_dir, written, rows = Path(out_dir), [], []
+    for i, name in enumerate(_overlay_names(paths_or_names)):
+        rgb = images[i].expand(3, -1, -1).permute(1, 2, 0).numpy().astype(np.float32) / 255
+        heat = cmap(scale[i].clamp(0, 1).numpy())[..., :3]
+        blend = (1 - alpha) * rgb + alpha * heat
+        if masks is not None:
+            blend[_outline(masks[i].numpy() != 0)] = 1.0
+        buf = io.BytesIO()
+        Image.fromarray((blend * 255).round().astype(np.uint8)).save(buf, format="PNG")
+        atomic_write(out_dir / name, buf.getvalue())
+        written.append(out_dir / name)
+        rows.append((name, str(paths_or_names[i]), f"{float(maps[i].max()):.6g}"))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("file", "name", "score"))
+    writer.writerows(rows)
+    atomic_write(out_dir / MAPS_INDEX, text.getvalue())
+    return written
+
+
+def read_overlay_index(maps_dir: str | os.PathLike) -> list[dict]:
+    """Rows of a maps folder's ``index.csv`` (file, name, score as float) whose PNG exists,
+    most anomalous first; empty when the folder holds no index."""
+    maps_dir = Path(maps_dir)
+    if not (maps_dir / MAPS_INDEX).is_file():
+        return []
+    with open(maps_dir / MAPS_INDEX, newline="") as f:
+        rows = [dict(r, score=float(r["score"])) for r in csv.DictReader(f) if (maps_dir / r["file"]).is_file()]
+    return sorted(rows, key=lambda r: -r["score"])

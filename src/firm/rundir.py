@@ -1,0 +1,194 @@
+"""The layout of the folders firm writes: every file name, what it holds, how it is read back.
+
+A run or model folder (``firm train --out``, ``firm fit --out``):
+
+=====================  ==============================================================
+``run.json``           the settings of the run (written first, so a killed run resumes)
+``log.jsonl``          one JSON line per epoch (loss, lr, speed, learning-curve AUROC)
+``checkpoint.safetensors``  weights, optimizer and schedule, replaced atomically
+``model.safetensors``  the trained encoder's weights
+``bank.safetensors``   backbone features of the training images at four rotations
+``config.json``        the settings the run really used, the threshold, format version and
+                       the SHA-256 of each tensor file (written last: present = complete)
+``results.json``       ``firm evaluate``'s records (scorer, ensemble, AUROC)
+``scores.csv``         per-image scores of ``firm evaluate``
+``report/``            ``firm report``'s HTML page and PNGs
+``onnx/``              ``firm export``'s ONNX encoder and bank
+``maps/``              ``firm score --maps``'s heat-map overlays
+=====================  ==============================================================
+
+A bench folder holds ``runs/<run key>.json`` (one finished run each), ``partial/<run key>/``
+(checkpoints of a run in progress, removed when it finishes), ``results.json``, ``report.md``
+and the PNG plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import Settings, SettingsError, settings_from_dict
+from .models import Encoder
+from .serialization import (FORMAT_NAME, FORMAT_VERSION, ModelFileError, check_format, load_tensors, read_json,
+                            save_tensors, to_cpu_state, write_json)
+from .training import TrainFiles
+
+__all__ = ["RUN_SETTINGS", "LOG", "CHECKPOINT", "MODEL", "BANK", "CONFIG", "RESULTS", "SCORES", "REPORT", "ONNX",
+           "MAPS", "BENCH_RUNS", "BENCH_PARTIAL", "BENCH_REPORT", "prepare_output", "check_output_file", "train_files",
+           "write_run_settings", "read_run_settings", "save_model_dir", "load_model_dir", "read_log"]
+
+RUN_SETTINGS = "run.json"
+LOG = "log.jsonl"
+CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
+BANK = "bank.safetensors"
+CONFIG = "config.json"
+RESULTS = "results.json"
+SCORES = "scores.csv"
+REPORT = "report"
+ONNX = "onnx"
+MAPS = "maps"
+BENCH_RUNS = "runs"
+BENCH_PARTIAL = "partial"
+BENCH_REPORT = "report.md"
+_RUN_ITEMS = (RUN_SETTINGS, LOG, CHECKPOINT, MODEL, BANK, CONFIG, RESULTS, SCORES, REPORT, ONNX, MAPS)
+
+
+def prepare_output(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
+                   flag: str = "--out") -> Path:
+    """Check a run or model folder before any work starts, and create it.
+
+    A non-empty folder is refused unless ``resume`` (continue what is there) or ``overwrite``
+    (first remove what an earlier run wrote; a folder with other files in it is still refused,
+    so nothing of the user's is deleted).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{flag} {path} is a file; give a folder name (a new or an empty folder)")
+    if resume:
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {path}: no such run folder")
+        return path
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{flag} {path} is not empty; pass --overwrite to replace the run in it, "
+                                  "--resume to continue it, or choose a new folder")
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in _RUN_ITEMS and not p.name.startswith("."))
+        if foreign:
+            raise FileExistsError(f"{flag} {path} holds files firm did not write ({', '.join(foreign[:5])}); "
+                                  "--overwrite only replaces a firm run folder: choose a new folder")
+        for p in path.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot create the folder ({e.strerror})") from e
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"{flag} {path}: the folder is not writable")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Check a file to be written (a CSV, say) before any work starts: not a folder, and its
+    folder exists or can be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'scores.csv'}")
+    parent = path.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"{flag} {path}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK):
+                raise PermissionError(f"{flag} {path}: {p} is not writable")
+            break
+    return path
+
+
+def train_files(run_dir: str | os.PathLike) -> TrainFiles:
+    run_dir = Path(run_dir)
+    return TrainFiles(log=run_dir / LOG, checkpoint=run_dir / CHECKPOINT)
+
+
+def write_run_settings(run_dir: str | os.PathLike, settings: Settings, extra: dict | None = None) -> None:
+    """``run.json``: the settings (and e.g. the inputs of a detector) a resumed run needs."""
+    write_json(Path(run_dir) / RUN_SETTINGS, {"settings": settings.to_dict(), **(extra or {})})
+
+
+def read_run_settings(run_dir: str | os.PathLike) -> tuple[Settings, dict]:
+    """The settings in ``run.json`` and its other entries."""
+    raw = read_json(Path(run_dir) / RUN_SETTINGS, "run settings")
+    try:
+        return settings_from_dict(raw.pop("settings")), raw
+    except (KeyError, SettingsError) as e:
+        raise ModelFileError(f"{Path(run_dir) / RUN_SETTINGS} is not a run settings file of this firm version ({e})") from e
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict]:
+    import json
+    log = Path(run_dir) / LOG
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+
+
+def save_model_dir(directory: str | os.PathLike, model: Encoder, settings: Settings, state: dict | None = None,
+                   bank: Tensor | None = None) -> Path:
+    """Weights, feature bank and ``config.json`` (the settings used, ``state`` such as the
+    threshold, the format version and each tensor file's SHA-256); the config is written last."""
+    from . import __version__
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {MODEL: save_tensors(directory / MODEL, to_cpu_state(model), {"model": model.config.to_dict()})}
+    if bank is not None:
+        files[BANK] = save_tensors(directory / BANK, {"bank": bank.float()})
+    settings = settings.copy()
+    settings.model = model.config
+    write_json(directory / CONFIG, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "firm_version": __version__,
+                                    "settings": settings.to_dict(), "state": state or {}, "files": files})
+    return directory
+
+
+def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu"
+                   ) -> tuple[Encoder, Settings, dict, Tensor | None]:
+    """``(encoder, settings, state, bank)`` from a folder written by :func:`save_model_dir`;
+    ``bank`` is None if there is none. Never unpickles; every kind of bad file gets a clear error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelFileError(f"model folder {directory} does not exist; pass the folder written by firm train or firm fit")
+    if not (directory / CONFIG).exists() and (directory / RUN_SETTINGS).exists():
+        raise ModelFileError(f"{directory} holds an unfinished run (no {CONFIG}); finish it with --resume {directory}")
+    config = read_json(directory / CONFIG, "model config")
+    if not isinstance(config, dict):
+        raise ModelFileError(f"model config {directory / CONFIG} is not a JSON object")
+    marker = {k: str(v) for k, v in config.items() if k in ("format", "format_version")}
+    check_format(marker, directory / CONFIG, "model config")
+    try:
+        settings = settings_from_dict(config["settings"])
+        # The saved weights replace any pretrained start, which need not exist on this machine.
+        model = Encoder(dataclasses.replace(settings.model, weights=None))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"model config {directory / CONFIG} has no valid settings ({e}); it was written by an "
+                             "older firm or edited by hand: train the model again") from e
+    files = config.get("files", {})
+    state, _ = load_tensors(directory / MODEL, "model weights", files.get(MODEL))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+                                         f"shape mismatch {wrong[:3]}" if wrong else ""]))
+        raise ModelFileError(f"weights in {directory / MODEL} do not match the architecture in its config ({detail})")
+    model.load_state_dict(state)
+    bank = None
+    if BANK in files:
+        tensors, _ = load_tensors(directory / BANK, "feature bank", files[BANK])
+        bank = tensors["bank"]
+        if bank.shape[-1] != model.feature_dim:
+            raise ModelFileError(f"feature bank in {directory / BANK} has dimension {bank.shape[-1]}, "
+                                 f"the model's features have {model.feature_dim}")
+    return model.to(device).eval(), settings, dict(config.get("state", {})), bank

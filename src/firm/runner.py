@@ -1,0 +1,207 @@
+"""One experiment path: settings -> data -> trained encoder -> evaluation records.
+
+``firm train`` is one run plus a saved model, ``firm bench`` a grid of runs, ``firm demo`` a
+grid on the digits preset, and :class:`~firm.detector.FIRMDetector` trains through
+:func:`train_encoder` as well, so every way of training shares the same seeding, shift choice,
+encoder construction, learning curve and Trainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import EvalConfig, Settings, TrainConfig
+from .data import ImageSet, canonical_dataset, load_dataset, load_image_folder, one_class_split, subsample, validation_split
+from .evaluation import evaluate_scorers
+from .features import TTA_MODES
+from .losses import resolve_mode
+from .models import Encoder, resolve_stem
+from .scoring import SCORERS
+from .shifts import choose_shifts
+from .training import Trainer, TrainFiles, check_train_config, machine_info
+
+__all__ = ["validate", "EvalSet", "RunData", "DataCache", "prepare_data", "train_encoder", "TrainedEncoder",
+           "run", "RunOutcome", "final_scorers"]
+
+EvalSet = tuple[str, ImageSet, Tensor]  # (name, images, is_anomaly)
+
+
+def final_scorers(config: EvalConfig) -> list[str]:
+    """The scorers a run evaluates at its end (``all`` = every registered one)."""
+    return list(SCORERS) if "all" in config.scorers else list(config.scorers)
+
+
+def validate(settings: Settings) -> None:
+    """Refuse unknown names and impossible values, naming the setting; reads no image."""
+    check_train_config(settings.train)
+    e, m, d = settings.eval, settings.model, settings.data
+    for name in [e.scorer, *final_scorers(e)]:
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+    for name in [e.tta, *e.final_tta]:
+        if name not in TTA_MODES:
+            raise ValueError(f"unknown test-time ensemble {name!r}; choose from {', '.join(TTA_MODES)}")
+    if not 0 < e.center_crop <= 1:
+        raise ValueError(f"center_crop must be in (0, 1], got {e.center_crop}")
+    if not 0 < e.ocsvm_nu <= 1:
+        raise ValueError(f"ocsvm_nu must be in (0, 1], got {e.ocsvm_nu}")
+    if m.image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels, got {m.image_size}")
+    resolve_stem(m)
+    canonical_dataset(d.dataset)
+    if d.split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {d.split!r}")
+    if d.normal_class != "all" and not str(d.normal_class).isdigit():
+        raise ValueError(f"normal_class must be a class index or 'all', got {d.normal_class!r}")
+    if d.train_images is not None and d.train_images < 1:
+        raise ValueError(f"train_images must be >= 1, got {d.train_images}")
+
+
+@dataclass
+class RunData:
+    """What one run trains on and is evaluated on."""
+
+    normal: ImageSet
+    class_labels: Tensor
+    eval_sets: list[EvalSet]
+    auxiliary: Tensor | None = None
+
+
+class DataCache:
+    """Datasets (and OOD sets) read once per process."""
+
+    def __init__(self) -> None:
+        self._sets: dict[tuple, tuple[ImageSet, ImageSet]] = {}
+
+    def get(self, name: str, data_root: str | None, size: int, channels: int) -> tuple[ImageSet, ImageSet]:
+        key = (name, data_root, size, channels)
+        if key not in self._sets:
+            if Path(name).is_dir():
+                folder = load_image_folder(name, size, channels, name=Path(name).name)
+                self._sets[key] = (folder, folder)
+            else:
+                self._sets[key] = load_dataset(name, data_root, size, channels)
+        return self._sets[key]
+
+
+def prepare_data(settings: Settings, cache: DataCache | None = None) -> RunData:
+    """Training images, ID class labels and evaluation sets of a run's data settings."""
+    d, m, seed = settings.data, settings.model, settings.train.seed
+    cache = cache or DataCache()
+    train, test = cache.get(d.dataset, d.data_root, m.image_size, m.in_channels)
+    if d.normal_class == "all":
+        if d.split == "validation":
+            raise ValueError("the validation split is defined for one normal class; pick --normal-class N")
+        normal = subsample(train, d.train_images, seed)
+        eval_sets = []
+        for name in d.ood:
+            other = cache.get(name, d.data_root, m.image_size, m.in_channels)[1]
+            images = ImageSet(torch.cat([test.images, other.images]), torch.cat([test.labels, other.labels]), test.classes)
+            y = torch.cat([torch.zeros(len(test), dtype=torch.long), torch.ones(len(other), dtype=torch.long)])
+            eval_sets.append((f"ood:{Path(name).name}", images, y))
+        class_labels = normal.labels
+    else:
+        c = int(d.normal_class)
+        if d.split == "validation":
+            normal, val, y = validation_split(train, c, holdout=0.1, anomalies=1500, seed=seed)
+            eval_sets = [("validation", val, y)]
+        else:
+            normal, test, y = one_class_split(train, test, c)
+            eval_sets = [("test", test, y)]
+        normal = subsample(normal, d.train_images, seed)
+        class_labels = torch.zeros(len(normal), dtype=torch.long)
+    auxiliary = None
+    if d.outlier_dir:
+        auxiliary = load_image_folder(d.outlier_dir, m.image_size, m.in_channels, name="outlier images").images
+    return RunData(normal, class_labels, eval_sets, auxiliary)
+
+
+@dataclass
+class TrainedEncoder:
+    """An encoder after training, the train settings it really ran with and its epoch log."""
+
+    encoder: Encoder
+    train: TrainConfig
+    history: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def train_encoder(settings: Settings, images: Tensor, class_labels: Tensor | None = None,
+                  auxiliary: Tensor | None = None, files: TrainFiles | None = None, resume: bool = False,
+                  curve: Callable[[Encoder, int], dict] | None = None, progress: bool = True,
+                  log: Callable[[str], None] = print) -> TrainedEncoder:
+    """Seed, resolve ``shifts auto`` from the normal images, build the encoder, train.
+
+    ``curve(model, epoch)`` is the learning curve (before the first epoch and every
+    ``eval_every`` epochs); its values go into the log only, never into any choice.
+    """
+    train = settings.train
+    notes = []
+    if train.shifts == ["auto"]:
+        shifts, reason = choose_shifts(images, seed=train.seed)
+        train = dataclasses.replace(train, shifts=shifts)
+        notes.append(f"shifts auto -> {','.join(shifts)}: {reason}")
+        log(notes[-1])
+    torch.manual_seed(train.seed)
+    encoder = Encoder(settings.model)
+    trainer = Trainer(encoder, train, images, class_labels, auxiliary=auxiliary, files=files, evaluate=curve,
+                      progress=progress)
+    trainer.train(resume=resume)
+    return TrainedEncoder(trainer.model, train, trainer.history, notes)
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: the trained encoder, its training images, and its records."""
+
+    trained: TrainedEncoder
+    data: RunData
+    records: list[dict]
+    meta: dict
+
+
+def run(settings: Settings, cache: DataCache | None = None, files: TrainFiles | None = None, resume: bool = False,
+        final_eval: bool = True, progress: bool = True, log: Callable[[str], None] = print) -> RunOutcome:
+    """Train one run and evaluate it: a learning curve (cos1 AUROC every ``eval_every`` epochs)
+    and, with ``final_eval``, every final scorer under every final ensemble.
+
+    Each record holds the run's identity (dataset, normal class, loss, layout, seed, budget),
+    ``eval_set``, ``scorer``, ``tta``, ``epoch``, ``final`` and ``auroc``.
+    """
+    validate(settings)
+    start = time.perf_counter()
+    data = prepare_data(settings, cache)
+    t, e = settings.train, settings.eval
+    base = {"dataset": settings.data.dataset, "normal_class": settings.data.normal_class, "loss": t.loss,
+            "loss_mode": resolve_mode(t.loss, t.loss_mode), "seed": t.seed, "budget": t.epochs,
+            "split": settings.data.split}
+    scored = [s for s in data.eval_sets if bool(s[2].any()) and not bool(s[2].all())]
+
+    def curve(model: Encoder, epoch: int) -> dict:
+        out = {}
+        for name, images, y in scored:
+            recs, _ = evaluate_scorers(model, data.normal.images, images.images, y, ["cos1"], "none", config=e)
+            out[f"auroc_{name}"] = recs[0]["auroc"]
+        return out
+
+    trained = train_encoder(settings, data.normal.images, data.class_labels, data.auxiliary, files, resume,
+                            curve if scored else None, progress, log)
+    train_seconds = time.perf_counter() - start
+    # The learning curve is read back from the epoch log, so a resumed run keeps its early points.
+    records = [{**base, "eval_set": name, "scorer": "cos1", "tta": "none", "epoch": h["epoch"], "final": False,
+                "auroc": h[f"auroc_{name}"]} for h in trained.history for name, _, _ in scored if f"auroc_{name}" in h]
+    if final_eval:
+        for name, images, y in scored:
+            recs, _ = evaluate_scorers(trained.encoder, data.normal.images, images.images, y, final_scorers(e),
+                                       list(e.final_tta), progress=progress, config=e)
+            records += [{**base, "eval_set": name, "epoch": t.epochs, "final": True, **r} for r in recs]
+    meta = {**base, "train_images": len(data.normal), "train_seconds": train_seconds,
+            "total_seconds": time.perf_counter() - start, "shifts": trained.train.shifts, "notes": trained.notes,
+            "machine": machine_info(next(trained.encoder.parameters()).device)}
+    return RunOutcome(trained, data, records, meta)

@@ -1,0 +1,203 @@
+"""firm.bench_report on hand-made bench folders: method labels per layout, paired statistics,
+old folders without loss_mode / budget, the budget ladder."""
+import json
+import math
+
+import pytest
+
+from firm.bench_report import method_labels, read_results, speedup_log_ratios, write_report
+from firm.serialization import write_json
+
+
+def run_result(cls, loss, seed, epochs, values, mode=None, budget=None, dataset="toy", extra_final=(), new=False):
+    """One run file's content: a learning curve (cos1, no ensemble) and its final records.
+    ``new``: as the current bench writes it (class as a string, preset by name)."""
+    base = dict(dataset=dataset, normal_class=str(cls) if new else cls, loss=loss, seed=seed, split="test")
+    tags = {k: v for k, v in (("loss_mode", mode), ("budget", budget)) if v is not None}
+    recs = [dict(base, eval_set="test", scorer="cos1", tta="none", epoch=e, final=False, auroc=v, **tags)
+            for e, v in zip(epochs, values)]
+    recs.append({**recs[-1], "final": True})
+    recs += [{**recs[-1], "scorer": s, "auroc": a} for s, a in extra_final]
+    name = f"{dataset}-c{cls}-{loss}{'-' + mode if mode else ''}-s{seed}{f'-b{budget}' if budget else ''}"
+    preset = "cpu" if new else {"epochs": epochs[-1]}
+    return name, {"run": name, **base, **tags, "total_seconds": 60.0, "preset": preset, "records": recs}
+
+
+def write_runs(folder, results):
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    for name, result in results:
+        write_json(folder / "runs" / f"{name}.json", result)
+
+
+def curve(final, reach_at, epochs=(0, 2, 4, 6, 8)):
+    """A curve from 0.5 that first reaches ``final`` at epoch ``reach_at`` (an evaluation
+    epoch) and stays there."""
+    return list(epochs), [0.5 if e == 0 else (final if e >= reach_at else final - 0.01 * (reach_at - e)) for e in epochs]
+
+
+# FIRM (concat) and FIRM (pairwise) differ by +-1 point around each other; NT-Xent is 6 points
+# below FIRM/concat in every cell and reaches its final only at epoch 8; FIRM/concat is exactly
+# at NT-Xent's final at epoch 2 (and at its own final from epoch 4).
+FIRM = {(0, 0): 0.80, (0, 1): 0.82, (1, 0): 0.70, (1, 1): 0.66}
+PAIRWISE = {(0, 0): 0.81, (0, 1): 0.81, (1, 0): 0.71, (1, 1): 0.65}
+
+
+@pytest.fixture
+def layouts(tmp_path):
+    results = []
+    for (cls, seed), v in FIRM.items():
+        results.append(run_result(cls, "firm", seed, [0, 2, 4, 6, 8], [0.5, v - 0.06, v, v, v], mode="concat",
+                                  extra_final=[("kde", v + 0.01)]))
+        results.append(run_result(cls, "firm", seed, *curve(PAIRWISE[cls, seed], 4), mode="pairwise"))
+        for mode in ("concat", "pairwise"):
+            results.append(run_result(cls, "ntxent", seed, *curve(v - 0.06, 8), mode=mode))
+    write_runs(tmp_path, results)
+    return tmp_path
+
+
+def test_layouts_are_reported_apart_with_paired_statistics(layouts):
+    text = write_report(layouts, "firm bench --dataset toy").read_text()
+    assert "| normal class | firm/concat | firm/pairwise | ntxent/concat | ntxent/pairwise |" in text
+    # per class mean +- std over the two seeds: class 0 FIRM/concat = 0.81 +- sqrt(2) * 0.01
+    assert f"| 0 | 0.8100 ± {math.sqrt(2) * 0.01:.4f} |" in text
+    assert "| **mean** | **0.7450** | **0.7450** | **0.6850** | **0.6850** |" in text
+    # FIRM/concat - FIRM/pairwise: -0.01, +0.01, -0.01, +0.01 -> mean 0, not distinguishable; Wilcoxon p = 1
+    assert "| firm/concat | firm/pairwise | 4 (2) | +0.00 |" in text
+    assert "not distinguishable from zero" in text
+    # FIRM/concat gains 6 points on all 4 cells over either NT-Xent layout; the exact two-sided
+    # Wilcoxon p of 4 positive differences is 2 / 2**4
+    row = "| firm/concat | ntxent/concat | 4 (2) | +6.00 | [+6.00, +6.00] | 0.125† |"
+    assert row in text and "† Too few pairs" in text and "| 4 / 0 / 0 | +6.00 | +6.00 | FIRM ahead |" in text
+    # FIRM/pairwise: (0.81-0.74, 0.81-0.76, 0.71-0.64, 0.65-0.60) = (7, 5, 7, 5) points -> +6
+    assert "| firm/pairwise | ntxent/concat | 4 (2) | +6.00 |" in text
+    # firm/pairwise vs firm/concat is the same comparison as above, given once
+    assert "| firm/pairwise | firm/concat |" not in text
+    # speed-up to NT-Xent's final: NT-Xent needs 8 epochs in every cell, FIRM/concat 2 -> 4x
+    assert "| firm/concat | ntxent/concat | 4 (2) | 4.00x | [4.00x, 4.00x] |" in text
+    assert "Models are never chosen by test labels" in text
+    assert "Methods: firm/concat, firm/pairwise, ntxent/concat, ntxent/pairwise (" in text
+    assert not (layouts / "ladder.png").exists()
+
+    results = read_results(layouts / "results.json")
+    assert len(results["records"]) == sum(len(json.loads(f.read_text())["records"])
+                                          for f in (layouts / "runs").glob("*.json"))
+    assert results["methods"] == ["firm/concat", "firm/pairwise", "ntxent/concat", "ntxent/pairwise"]
+    assert results["ladder"] is None
+    auroc = {(c["method"], c["other"]): c for c in results["comparisons"] if c["metric"] == "auroc"}
+    assert set(auroc) == {("firm/concat", "firm/pairwise"), ("firm/concat", "ntxent/concat"),
+                          ("firm/concat", "ntxent/pairwise"), ("firm/pairwise", "ntxent/concat"),
+                          ("firm/pairwise", "ntxent/pairwise")}
+    same = auroc["firm/concat", "firm/pairwise"]
+    assert same["covers_zero"] and same["p_value"] == pytest.approx(1.0) and (same["wins"], same["losses"]) == (2, 2)
+    assert "not distinguishable from zero" in same["text"]
+    cls0 = [r for r in results["per_class"] if r["method"] == "firm/concat" and r["normal_class"] == 0]
+    assert cls0[0]["mean"] == pytest.approx(0.81) and cls0[0]["std"] == pytest.approx(math.sqrt(2) * 0.01)
+
+
+def test_one_layout_per_loss_keeps_plain_names():
+    records = [{"loss": "firm", "loss_mode": "concat"}, {"loss": "ntxent", "loss_mode": "pairwise"},
+               {"loss": "ntxent", "loss_mode": "pairwise"}, {"loss": "supcon"}]
+    assert method_labels(records) == {("firm", "concat"): "firm", ("ntxent", "pairwise"): "ntxent",
+                                      ("supcon", None): "supcon"}
+    mixed = method_labels(records + [{"loss": "firm"}])
+    assert mixed[("firm", "concat")] == "firm/concat" and mixed[("firm", None)] == "firm/unrecorded"
+
+
+def test_speedup_log_ratios_by_hand():
+    epochs = [0, 2, 4, 6, 8]
+    other = {(0, 0): (epochs, [0.5, 0.6, 0.7, 0.75, 0.8]), (1, 0): (epochs, [0.5, 0.52, 0.55, 0.58, 0.6]),
+             (2, 0): (epochs, [0.5, 0.9, 0.9, 0.9, 0.9])}
+    firm = {(0, 0): (epochs, [0.5, 0.8, 0.9, 0.9, 0.9]), (1, 0): (epochs, [0.5, 0.7, 0.7, 0.7, 0.7]),
+            (2, 0): (epochs, [0.5, 0.6, 0.7, 0.8, 0.85])}
+    finals = {k: v[1][-1] for k, v in other.items()}
+    logs, censored, undefined = speedup_log_ratios(firm, other, finals)
+    # class 0: 8 / 2; class 1: FIRM crosses 0.6 half way to epoch 2 -> 8 / 1; class 2: the other
+    # method needs 2 epochs, FIRM never reaches 0.9 and counts at its budget, 8 -> 2 / 8
+    assert logs[(0, 0)] == pytest.approx(math.log(4))
+    assert logs[(1, 0)] == pytest.approx(math.log(8))
+    assert logs[(2, 0)] == pytest.approx(math.log(2 / 8))
+    assert (censored, undefined) == (1, 0)
+
+
+def test_old_folder_without_layout_or_budget(tmp_path):
+    # the hand-made bench of tests/test_bench.py: class 0 NT-Xent 0.8 reached at epoch 8, FIRM 0.9
+    # (reaches 0.8 at epoch 2); class 1 NT-Xent 0.6 at epoch 8, FIRM 0.7 (reaches 0.6 at epoch 1)
+    e = [0, 2, 4, 6, 8]
+    write_runs(tmp_path, [run_result(0, "ntxent", 0, e, [0.5, 0.6, 0.7, 0.75, 0.8]),
+                          run_result(0, "firm", 0, e, [0.5, 0.8, 0.9, 0.9, 0.9]),
+                          run_result(1, "ntxent", 0, e, [0.5, 0.52, 0.55, 0.58, 0.6]),
+                          run_result(1, "firm", 0, e, [0.5, 0.7, 0.7, 0.7, 0.7])])
+    text = write_report(tmp_path).read_text()
+    assert "| normal class | firm | ntxent |" in text and "**0.8000**" in text and "**0.7000**" in text
+    assert "Methods: firm, ntxent (" in text
+    assert "| firm | ntxent | 2 (2) | +10.00 | [+10.00, +10.00] |" in text
+    # geometric mean of the speed-ups 8/2 and 8/1
+    assert f"| firm | ntxent | 2 (2) | {math.sqrt(32):.2f}x |" in text
+    assert "Per class: one seed" in text and "budget" not in text.split("## toy")[1].split("\n")[0]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    # standard JSON (one seed: the per-class std is null, not NaN), old records kept with null tags
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert {r["std"] for r in results["per_class"]} == {None}
+    assert len(results["records"]) == 4 * 6 and {r["budget"] for r in results["records"]} == {None}
+
+
+def test_a_loss_run_in_one_layout_keeps_its_plain_name(tmp_path):
+    e = [0, 2, 4, 6, 8]
+    write_runs(tmp_path, [run_result(c, "firm", 0, e, [0.5, 0.7, 0.8, 0.8, v], mode=mode, budget=8, new=True)
+                          for c, v in ((10, 0.8), (2, 0.7)) for mode in ("concat", "pairwise")]
+               + [run_result(c, "ntxent", 0, e, [0.5, 0.6, 0.65, 0.7, v], mode="pairwise", budget=8, new=True)
+                  for c, v in ((10, 0.75), (2, 0.6))])
+    text = write_report(tmp_path).read_text()
+    assert "Methods: firm/concat, firm/pairwise, ntxent (layout pairwise) (" in text
+    assert "Preset: `cpu`" in text and "budget" not in text.split("## toy")[1].split("\n")[0]
+    assert text.index("| 2 | 0.7000 |") < text.index("| 10 | 0.8000 |")  # classes "2", "10" in numeric order
+    # (0.8 - 0.75, 0.7 - 0.6) -> +7.50 points
+    assert "| firm/concat | ntxent | 2 (2) | +7.50 |" in text and "| firm/pairwise | ntxent | 2 (2) | +7.50 |" in text
+
+
+def test_incomplete_grid_is_flagged(tmp_path):
+    e = [0, 2, 4, 6, 8]
+    write_runs(tmp_path, [run_result(0, "ntxent", 0, e, [0.5, 0.6, 0.7, 0.75, 0.8]),
+                          run_result(0, "firm", 0, e, [0.5, 0.8, 0.9, 0.9, 0.9]),
+                          run_result(1, "ntxent", 0, e, [0.5, 0.52, 0.55, 0.58, 0.6]),
+                          run_result(0, "ntxent", 1, e, [0.5, 0.6, 0.7, 0.75, 0.78])])
+    text = write_report(tmp_path).read_text()
+    assert "Incomplete grid: firm lacks 1 of 2 classes" in text
+    assert "**0.9000** (1 of 2 classes)" in text
+    # the gain pairs class 0 seed 0 only: 0.9 - 0.8
+    assert "| firm | ntxent | 1 (1) | +10.00 | - (one pair) |" in text
+
+
+def test_budget_ladder(tmp_path):
+    results = []
+    for budget, epochs, gain in ((4, [0, 1, 2, 3, 4], 0.02), (8, [0, 2, 4, 6, 8], 0.05)):
+        for (cls, seed), v in FIRM.items():
+            bump = 0.01 * seed  # seeds differ, so the interval has width
+            results.append(run_result(cls, "firm", seed, *curve(v, epochs[1], epochs), budget=budget, new=True))
+            results.append(run_result(cls, "ntxent", seed, *curve(v - gain - bump, epochs[-1], epochs), budget=budget,
+                                      new=True))
+            results.append(run_result(cls, "rotsupcon", seed, *curve(v + 0.01 - bump, epochs[-1], epochs),
+                                      budget=budget, new=True))
+    write_runs(tmp_path, results)
+    text = write_report(tmp_path).read_text()
+    assert "## Budget ladder" in text and "Preset: `cpu`" in text
+    assert "## toy, test set, budget 4 epochs: final AUROC" in text and "## toy, test set, budget 8 epochs" in text
+    # gains over NT-Xent: budget 4: 2 points + 0 / 1 point by seed -> +2.50; budget 8: +5.50
+    assert "| toy (test) | 4 | firm | ntxent | 4 (2) | +2.50 [" in text
+    assert "| toy (test) | 8 | firm | ntxent | 4 (2) | +5.50 [" in text
+    # the paper's claims beside them
+    assert "| cifar10 (paper) | 2,000 | firm | ntxent | 10 classes x 5 seeds | +6.2 | (as reported) | about 12x |" in text
+    assert "| cifar10 (paper) | 2,000 | firm | rotsupcon |" in text and "7x faster than Rot-SupCon" in text
+    png = tmp_path / "ladder.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    ladder = read_results(tmp_path / "results.json")["ladder"]
+    assert ladder["budgets"] == [4, 8] and ladder["paper"]["speedup"]["ntxent"] == 12.0
+    rows = {(r["budget"], r["other"]): r for r in ladder["rows"]}
+    assert set(rows) == {(4, "ntxent"), (4, "rotsupcon"), (8, "ntxent"), (8, "rotsupcon")}
+    assert rows[8, "ntxent"]["auroc_gain"]["mean"] == pytest.approx(0.055)
+    # speed-up over NT-Xent at budget 8: NT-Xent reaches its final at 8, FIRM passes it at 2 or
+    # earlier (FIRM is above it from epoch 2 on) -> at least 4x
+    assert math.exp(rows[8, "ntxent"]["log_speedup"]["mean"]) >= 4 - 1e-9
+    # Rot-SupCon ends 1 point above FIRM on seed 0, level on seed 1: FIRM never reaches its final
+    # on the two seed-0 cells
+    assert rows[8, "rotsupcon"]["speedup_censored"] == 2

@@ -1,0 +1,242 @@
+"""Anomaly maps (firm.maps): patch bank, coreset, metrics, masks in the MVTec AD layout, overlays."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from firm.data import load_defect_dataset, read_masks
+from firm.maps import (
+    MAPS_INDEX,
+    PatchBank,
+    gaussian_blur,
+    greedy_coreset,
+    map_metrics,
+    pixel_auroc,
+    pro_score,
+    read_overlay_index,
+    save_overlays,
+)
+from firm.models import Encoder, ModelConfig
+from firm.report import build_report
+
+GREY, SIZE = 90, 64
+SQUARE = (slice(8, 24), slice(36, 52))  # rows, columns of the pasted square
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return Encoder(ModelConfig(width=8, head_layers=0, image_size=SIZE, stem="cifar"))
+
+
+def grey(n, h=SIZE, w=SIZE):
+    return torch.full((n, 3, h, w), GREY, dtype=torch.uint8)
+
+
+def with_square(images):
+    images = images.clone()
+    images[:, :, SQUARE[0], SQUARE[1]] = 255
+    return images
+
+
+@pytest.fixture(scope="module")
+def fitted(encoder):
+    return PatchBank(encoder, max_grid=32).fit(grey(3))
+
+
+def test_map_shape_and_alignment(fitted):
+    maps = fitted.anomaly_maps(torch.cat([grey(1), with_square(grey(1))]))
+    assert maps.shape == (2, SIZE, SIZE) and maps.dtype == torch.float32
+    normal, defect = maps
+    row, col = divmod(int(defect.argmax()), SIZE)
+    assert SQUARE[0].start <= row < SQUARE[0].stop and SQUARE[1].start <= col < SQUARE[1].stop
+    inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    inside[SQUARE] = True
+    assert defect[inside].mean() > 3 * defect[~inside].mean()
+    assert fitted.score(with_square(grey(1)))[0] > 10 * normal.max()  # the normal image matches the bank
+
+
+def test_maps_of_non_square_images_keep_their_size(encoder):
+    bank = PatchBank(encoder, batch_size=2).fit(grey(3, 48, 80))
+    maps = bank.anomaly_maps(with_square(grey(3, 48, 80)))
+    assert maps.shape == (3, 48, 80)
+    assert torch.allclose(maps[0], maps[2])  # batches give the same maps as one pass
+    assert bank.grid_ == (24, 32)  # CIFAR stem: stage 2 at half the size, capped at max_grid per side
+
+
+def test_bank_size_is_bounded(encoder):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    bank = PatchBank(encoder, coreset=0.1).fit(images)
+    assert bank.n_patches_ == 4 * 16 * 16
+    assert len(bank.bank_) == math.ceil(0.1 * bank.n_patches_)
+    assert len(PatchBank(encoder, coreset=0.5, max_bank=40).fit(images).bank_) == 40
+    assert torch.allclose(bank.bank_.norm(dim=1), torch.ones(len(bank.bank_)), atol=1e-5)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PatchBank(encoder).anomaly_maps(images)
+    with pytest.raises(ValueError, match="uint8"):
+        bank.anomaly_maps(images.float())
+
+
+def test_coreset_is_greedy_k_center_and_keeps_the_farthest_point():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 8, generator=gen)
+    x[123] = 50.0  # far from everything
+    idx = greedy_coreset(x, 20, projection_dim=None, seed=0)
+    assert len(idx) == 20 and len(set(idx.tolist())) == 20
+    assert 123 in idx[:2].tolist()
+    for k in range(1, len(idx)):  # every pick is the row farthest from the rows picked before it
+        d = torch.cdist(x, x[idx[:k]]).min(1).values
+        assert d[idx[k]] == pytest.approx(float(d.max()), rel=1e-4)
+    assert torch.equal(idx, greedy_coreset(x, 20, projection_dim=None, seed=0))  # deterministic
+    projected = greedy_coreset(torch.cat([x, torch.randn(300, 200, generator=gen) * 0.01], 1), 20, projection_dim=16)
+    assert len(set(projected.tolist())) == 20 and 123 in projected[:2].tolist()
+    assert len(greedy_coreset(torch.ones(50, 4), 10)) == 1  # identical rows: one is enough
+
+
+def test_gaussian_blur_keeps_mass_and_shape():
+    maps = torch.zeros(2, 40, 30)
+    maps[0, 20, 15] = 1.0
+    out = gaussian_blur(maps, 2.0)
+    assert out.shape == maps.shape
+    assert float(out[0].sum()) == pytest.approx(1.0, abs=1e-4) and float(out[0].max()) < 0.05
+    assert divmod(int(out[0].argmax()), 30) == (20, 15)
+    assert gaussian_blur(torch.ones(1, 5, 5), 4.0).allclose(torch.ones(1, 5, 5))  # kernel wider than the map
+
+
+def test_pixel_auroc_matches_sklearn():
+    rng = np.random.default_rng(0)
+    maps = np.round(rng.random((3, 10, 12)), 2)  # rounded: ties between pixels too
+    masks = (rng.random((3, 10, 12)) > 0.8).astype(np.uint8) * 255
+    assert pixel_auroc(torch.from_numpy(maps), torch.from_numpy(masks)) == pytest.approx(
+        roc_auc_score(masks.ravel() > 0, maps.ravel()), abs=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        pixel_auroc(maps, masks[:2])
+
+
+def test_pro_by_hand():
+    # one image, one row: regions {0, 1} and {5} (8-connected), defect-free pixels 2, 3, 4
+    maps = np.array([[[0.9, 0.2, 0.8, 0.1, 0.05, 0.7]]])
+    masks = np.array([[[1, 1, 0, 0, 0, 1]]])
+    # thresholds high to low: 0.9 -> PRO 1/4; 0.8 -> FPR 1/3; 0.7 -> PRO 3/4; 0.2 -> PRO 1; 0.1, 0.05 -> FPR 2/3, 1
+    assert pro_score(maps, masks, max_fpr=0.3) == pytest.approx(0.25)
+    assert pro_score(maps, masks, max_fpr=0.5) == pytest.approx((0.25 / 3 + 1.0 * (0.5 - 1 / 3)) / 0.5)
+    assert pro_score(maps, masks, max_fpr=1.0) == pytest.approx(0.25 / 3 + 2 / 3)
+    # each region weighs the same whatever its size; a defect-free image adds only false positives
+    masks2 = np.zeros((2, 4, 4), dtype=np.uint8)
+    masks2[0, :2, :2] = 1  # a 4-pixel region, found
+    masks2[0, 3, 3] = 1  # a 1-pixel region, missed below every threshold
+    maps2 = np.where(masks2 > 0, 1.0, 0.0)
+    maps2[0, 3, 3] = -1.0
+    assert pro_score(maps2, masks2) == pytest.approx(0.5)
+    assert pro_score(masks2.astype(float), masks2) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="only one kind"):
+        pro_score(maps2, np.zeros_like(masks2))
+
+
+def test_map_metrics(fitted):
+    images = torch.cat([grey(2), with_square(grey(2))])
+    masks = torch.zeros(4, SIZE, SIZE, dtype=torch.uint8)
+    masks[2:, SQUARE[0], SQUARE[1]] = 1
+    metrics = map_metrics(fitted.anomaly_maps(images), masks, torch.tensor([0, 0, 1, 1]))
+    assert set(metrics) == {"image_auroc", "pixel_auroc", "pro"}
+    assert metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] > 0.9 and metrics["pro"] > 0.5
+    assert map_metrics(torch.rand(2, 4, 4), None, [0, 0]) == {}
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def mvtec(tmp_path):
+    """A tiny folder in the MVTec AD layout: 32 x 48 grey images, a 'crack' kind with masks."""
+    root = tmp_path / "part"
+    plain = np.full((48, 32), 120, dtype=np.uint8)
+    for name in ("000", "001", "002"):
+        _png(root / "train" / "good" / f"{name}.png", plain)
+    for name in ("000", "001"):
+        _png(root / "test" / "good" / f"{name}.png", plain)
+        cracked = plain.copy()
+        cracked[8:24, 4:20] = 250
+        _png(root / "test" / "crack" / f"{name}.png", cracked)
+        mask = np.zeros((48, 32), dtype=np.uint8)
+        mask[8:24, 4:20] = 255
+        _png(root / "ground_truth" / "crack" / f"{name}_mask.png", mask)
+    return root
+
+
+def test_load_defect_dataset(mvtec):
+    train, test, is_anomaly, masks = load_defect_dataset(mvtec, size=16)
+    assert train.images.shape == (3, 3, 16, 16)
+    assert test.images.shape == (4, 3, 16, 16) and is_anomaly.tolist() == [0, 0, 1, 1] == test.labels.tolist()
+    assert [p.split("/")[-2] for p in test.paths] == ["good", "good", "crack", "crack"]
+    assert masks.shape == (4, 16, 16) and masks.dtype == torch.uint8
+    assert masks[:2].sum() == 0
+    expected = torch.zeros(16, 16, dtype=torch.uint8)
+    expected[8 // 3:24 // 3, 4 // 2:20 // 2] = 1  # rows scaled by 16/48, columns by 16/32
+    assert torch.equal(masks[2], expected) and torch.equal(masks[3], expected)
+    # the test image's bright patch lands where its mask is
+    assert test.images[2, 0][expected.bool()].float().mean() > 200 > test.images[2, 0][~expected.bool()].float().max()
+
+
+def test_masks_missing_and_absent(mvtec):
+    (mvtec / "ground_truth" / "crack" / "001_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"crack/001\.png has no mask"):
+        load_defect_dataset(mvtec, size=16)
+    for f in (mvtec / "ground_truth" / "crack").iterdir():
+        f.unlink()
+    (mvtec / "ground_truth" / "crack").rmdir()
+    (mvtec / "ground_truth").rmdir()
+    assert load_defect_dataset(mvtec, size=16)[3] is None
+
+
+def test_read_masks_by_name(mvtec, tmp_path):
+    test = load_defect_dataset(mvtec, size=16)[1]
+    # firm evaluate --mask-dir: a flat folder; good images may have none
+    flat = tmp_path / "masks"
+    mask = np.zeros((48, 32), dtype=np.uint8)
+    mask[:24] = 1
+    _png(flat / "000.png", mask)  # a flat name matches test/good/000.png and test/crack/000.png
+    masks = read_masks(test.paths, flat, 16)
+    assert masks.sum(dim=(1, 2)).tolist() == [128, 0, 128, 0] and masks[0, :8].all()
+    with pytest.raises(FileNotFoundError, match=r"crack/001\.png has no mask"):
+        read_masks(test.paths, flat, 16, is_anomaly=[0, 0, 1, 1])
+    with pytest.raises(FileNotFoundError, match="no mask"):
+        read_masks(test.paths, tmp_path / "nowhere", 16)
+    _png(flat / "001_mask.png", np.zeros((10, 40), dtype=np.uint8))  # another shape than its image
+    with pytest.raises(ValueError, match="cannot be aligned"):
+        read_masks(test.paths, flat, 16, is_anomaly=[0, 0, 1, 1])
+
+
+def test_overlays_and_report_section(fitted, tmp_path):
+    images = torch.cat([grey(1), with_square(grey(1)), with_square(grey(1))])
+    maps = fitted.anomaly_maps(images)
+    masks = torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)
+    masks[1:, SQUARE[0], SQUARE[1]] = 1
+    names = ["a/good/000.png", "a/crack/000.png", "a/crack/001.png"]
+    out = tmp_path / "run" / "maps"
+    written = save_overlays(images, maps, names, out, masks=masks)
+    assert [p.name for p in written] == ["good_000.png", "crack_000.png", "001.png"]
+    for p in written:
+        with Image.open(p) as im:
+            assert im.size == (SIZE, SIZE) and im.mode == "RGB"
+    with Image.open(written[1]) as im:
+        rgb = np.asarray(im).astype(int)
+    row, col = divmod(int(maps[1].argmax()), SIZE)
+    assert rgb[row, col, 0] > rgb[row, col, 2]  # hottest point is red in jet
+    assert tuple(rgb[SQUARE[0].start, SQUARE[1].start + 5]) == (255, 255, 255)  # mask outline
+    assert not list(out.glob("*.tmp"))
+    with open(out / MAPS_INDEX, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == names
+    index = read_overlay_index(out)
+    assert index[-1]["file"] == "good_000.png" and index[0]["score"] >= index[1]["score"]
+    (tmp_path / "run" / "results.json").write_text("[]")
+    page = build_report(tmp_path / "run", progress=False).read_text()
+    assert "Anomaly maps" in page and (tmp_path / "run" / "report" / "anomaly_maps.png").is_file()
