@@ -7,11 +7,21 @@ import pytest
 import torch
 
 from firm.cli import build_parser, main
+from firm.config import ModelConfig, TrainConfig
 from firm.data import load_dataset, one_class_split
 from firm.evaluation import evaluate_scorers
-from firm.models import Encoder, ModelConfig
-from firm.runs import demo
-from firm.training import TrainConfig, Trainer
+from firm.models import Encoder
+from firm.training import Trainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
+    threads wait for each other at every operation (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 DATA_ROOT = Path(os.environ.get("FIRM_TEST_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_cifar = pytest.mark.skipif(not (DATA_ROOT / "cifar-10-batches-py").is_dir(), reason=f"no CIFAR-10 under {DATA_ROOT}")
@@ -27,7 +37,8 @@ def test_cifar10_reader_and_short_training_beats_chance():
     normal = normal.subset(range(300))
     torch.manual_seed(0)
     model = Encoder(ModelConfig(width=8, head_hidden=64, head_layers=1))
-    Trainer(model, TrainConfig(epochs=2, batch_size=64, lr=0.02, device="cpu"), normal.images, progress=False).train()
+    Trainer(model, TrainConfig(epochs=2, batch_size=64, lr=0.02, device="cpu", channels_last=False), normal.images,
+            progress=False).train()
     keep = torch.arange(0, 10000, 5)  # 2,000 test images, every class
     records, _ = evaluate_scorers(model, normal.images, test.images[keep], is_anomaly[keep], ["cos1"])
     assert records[0]["auroc"] > 0.55
@@ -58,7 +69,7 @@ def test_every_subcommand_has_help(capsys):
         assert "--config" in capsys.readouterr().out
 
 
-TINY = ["--width", "4", "--head-hidden", "16", "--head-layers", "1", "--batch-size", "32", "--quiet"]
+TINY = ["--width", "4", "--head-hidden", "16", "--head-layers", "1", "--batch-size", "32", "--device", "cpu", "--quiet"]
 
 
 def test_train_then_evaluate_from_the_command_line(tmp_path, capsys):
@@ -68,14 +79,24 @@ def test_train_then_evaluate_from_the_command_line(tmp_path, capsys):
     for name in ("model.safetensors", "config.json", "log.jsonl", "bank.safetensors", "checkpoint.safetensors"):
         assert (run / name).exists(), name
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2]
-    assert all(0 <= r["auroc_test"] <= 1 for r in log)
+    assert [r["epoch"] for r in log] == [0, 1, 2]  # epoch 0: the untrained encoder's point of the curve
+    assert "loss" not in log[0] and all(r["loss"] > 0 for r in log[1:])
     assert main(["evaluate", str(run), "--scorers", "cos1,kde", "--tta", "none", "--quiet"]) == 0
     records = json.loads((run / "results.json").read_text())
     assert [(r["loss"], r["scorer"], r["tta"]) for r in records] == [("firm", "cos1", "none"), ("firm", "kde", "none")]
-    assert all(0 <= r["auroc"] <= 1 for r in records)
-    header = (run / "scores.csv").read_text().splitlines()[0]
-    assert header == "index,label,is_anomaly,cos1:none,kde:none"
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+    with open(run / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["eval_set", "index", "label", "is_anomaly", "cos1:none", "kde:none"]
+    labels = [int(r["is_anomaly"]) for r in rows]
+    assert labels == [int(r["label"] != "4") for r in rows]
+    for r in records:
+        assert r["auroc"] == pytest.approx(roc_auc_score(labels, [float(x[f"{r['scorer']}:none"]) for x in rows]), abs=1e-4)
+    # the learning curve's last point is the same model, scorer and images as the evaluated cos1
+    assert records[0]["auroc"] == pytest.approx(log[-1]["auroc_test"], abs=1e-9)
+    assert records[0]["auroc"] > 0.7  # digit 4 against the other nine digits
     assert "AUROC" in capsys.readouterr().out
 
 
@@ -84,8 +105,9 @@ def test_yaml_config_with_flags_overriding(tmp_path):
     cfg.write_text("dataset: digits\nnormal_class: 2\nepochs: 5\nwidth: 4\nhead-hidden: 16\nhead_layers: 1\n"
                    f"batch_size: 32\nout: {tmp_path / 'from_yaml'}\n")
     assert main(["train", "--config", str(cfg), "--epochs", "1", "--quiet"]) == 0
-    saved = json.loads((tmp_path / "from_yaml" / "run.json").read_text())
-    assert saved["train"]["epochs"] == 1 and saved["data"]["normal_class"] == 2 and saved["model"]["width"] == 4
+    saved = json.loads((tmp_path / "from_yaml" / "run.json").read_text())["settings"]
+    assert saved["train"]["epochs"] == 1 and saved["data"]["normal_class"] == "2" and saved["model"]["width"] == 4
+    assert saved["model"]["head_hidden"] == 16 and saved["train"]["batch_size"] == 32
     (tmp_path / "bad.yaml").write_text("epoks: 3\n")
     with pytest.raises(SystemExit):
         main(["train", "--config", str(tmp_path / "bad.yaml")])
@@ -100,9 +122,38 @@ def test_clear_errors_from_the_command_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_demo_writes_results_in_the_same_schema(tmp_path):
-    records = demo(tmp_path, epochs=1, classes=[0, 1], progress=False, log=lambda *_: None)
+def test_demo_writes_results_in_the_same_schema(tmp_path, monkeypatch, capsys):
+    from firm import bench, config
+    real_plan = bench.plan_grid
+    # two digits and a tiny network instead of ten digits of the demo preset
+    monkeypatch.setattr(bench, "plan_grid",
+                        lambda base, datasets, classes, *a, **k: real_plan(base, datasets, ["0", "1"], *a, **k))
+    small = config.apply_overrides(config.PRESETS["demo"], {"width": 4, "head_hidden": 16, "head_layers": 1, "device": "cpu"})
+    monkeypatch.setitem(config.PRESETS, "demo", small)
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved == records
+    runs = [json.loads(f.read_text()) for f in sorted((tmp_path / "runs").glob("*.json"))]
+    assert saved == [r for run in runs for r in run["records"]]
     assert {r["loss"] for r in saved} == {"firm", "ntxent"} and {r["scorer"] for r in saved} == {"cos1"}
-    assert all(0 <= r["auroc"] <= 1 for r in saved)
+    finals = {(r["loss"], r["normal_class"]): r["auroc"] for r in saved if r["final"]}
+    assert set(finals) == {(loss, c) for loss in ("firm", "ntxent") for c in ("0", "1")}
+    out = capsys.readouterr().out
+    for loss in ("firm", "ntxent"):  # the printed means are over the digits that ran
+        mean = (finals[(loss, "0")] + finals[(loss, "1")]) / 2
+        assert f"{loss} {mean:.4f}" in out
+    assert "over 2 digits" in out
+
+
+def test_firm_learns_on_digits():
+    """Three epochs of FIRM on digit 3 (scikit-learn's digits: no files needed) beat the untrained
+    encoder on digit 3 against the other nine. Measured on seeds 0, 1, 2: untrained 0.912, 0.859,
+    0.963; after three epochs 0.961, 0.983, 0.982 (cos1 AUROC on the test split)."""
+    from firm.config import apply_overrides, preset
+    from firm.runner import run
+    settings = apply_overrides(preset("cpu"), {"dataset": "digits", "normal_class": "3", "width": 8, "head_hidden": 64,
+                                               "head_layers": 1, "epochs": 3, "batch_size": 32, "eval_every": 3, "seed": 0,
+                                               "device": "cpu", "channels_last": False})
+    outcome = run(settings, final_eval=False, progress=False, log=lambda *_: None)
+    curve = {r["epoch"]: r["auroc"] for r in outcome.records}
+    assert sorted(curve) == [0, 3] and len(outcome.data.normal) == int((load_dataset("digits")[0].labels == 3).sum())
+    assert curve[3] > 0.95 and curve[3] > curve[0] + 0.02, curve

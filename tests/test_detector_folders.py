@@ -15,10 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from firm.cli import main
 from firm.data import load_dataset, load_image_folder
 from firm.detector import FIRMDetector
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
+    threads wait for each other at every operation (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 DATA_ROOT = Path(os.environ.get("FIRM_TEST_DATA_ROOT", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 NORMAL, ANOMALIES = 6, (8, 9)  # frog; ship and truck: far enough apart for a 2-epoch tiny network
@@ -96,13 +107,14 @@ def test_fit_reads_mixed_files_and_skips_the_corrupt_one(user_path):
 
 def test_score_csv_is_ranked_and_flags_above_the_threshold(user_path):
     rows = _read_csv(user_path["scores_csv"])
-    assert list(rows[0]) == ["rank", "path", "score", "is_anomaly"]
+    assert list(rows[0]) == ["rank", "path", "score", "flagged"]
     assert len(rows) == 60 + 30 * len(ANOMALIES)
     scores = [float(r["score"]) for r in rows]
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
     assert scores == sorted(scores, reverse=True)
     threshold = FIRMDetector.load(user_path["model"]).threshold_
-    assert all(int(r["is_anomaly"]) == (float(r["score"]) > threshold) for r in rows if abs(float(r["score"]) - threshold) > 1e-5)
+    assert all(int(r["flagged"]) == (float(r["score"]) > threshold) for r in rows if abs(float(r["score"]) - threshold) > 1e-5)
+    assert all(Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in rows)
 
 
 def test_evaluate_writes_records_that_agree_with_its_per_image_scores(user_path):
@@ -111,9 +123,9 @@ def test_evaluate_writes_records_that_agree_with_its_per_image_scores(user_path)
     from sklearn.metrics import roc_auc_score
     records = json.loads((user_path["model"] / "results.json").read_text())
     assert {r["scorer"] for r in records} == {"cos1", "cos5", "kde"}
-    assert all(r["loss"] == "firm" and r["eval_set"] == "folders" and 0 <= r["auroc"] <= 1 for r in records)
+    assert all(r["loss"] == "firm" and r["eval_set"] == "folders" for r in records)
     rows = _read_csv(user_path["model"] / "scores.csv")
-    assert list(rows[0])[:3] == ["index", "path", "is_anomaly"] and "cos1:none" in rows[0]
+    assert list(rows[0])[:4] == ["eval_set", "index", "path", "is_anomaly"] and "cos1:none" in rows[0]
     labels = [int(r["is_anomaly"]) for r in rows]
     assert sum(labels) == 30 * len(ANOMALIES)
     assert all(("anomalies" in r["path"]) == bool(int(r["is_anomaly"])) for r in rows)

@@ -97,13 +97,14 @@ def test_torchrun_two_processes_train_on_cpu(tmp_path):
            "-m", "firm", "train", *TINY, "--normal-class", "0", "--epochs", "2", "--out", str(out), "--device", "cpu"]
     subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2]
-    assert all(map(lambda r: r["loss"] > 0, log))
+    assert [r["epoch"] for r in log] == [0, 1, 2]  # epoch 0: the untrained encoder's point of the learning curve
+    assert all(r["loss"] > 0 for r in log[1:])
+    assert log[-1]["auroc_test"] > 0.7  # digit 0 against the other nine, scored on rank 0
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "firm", "train", *TINY, "--normal-class", "all", "--train-images", "400", "--epochs", "3",
+    return [sys.executable, "-m", "firm", "train", *TINY, "--normal-class", "all", "--train-images", "200", "--epochs", "3",
             "--checkpoint-every", "1", "--out", str(out), *extra]
 
 

@@ -187,7 +187,7 @@ def test_supcon_labels_keep_several_id_classes_apart():
     for name, outlier_groups in (("supcon", [[3, 4, 5]]), ("rotsupcon", [[3, 5], [4]])):
         labels = batch_labels(name, classes, variant)
         groups = build_loss(name).positive_groups(labels).tolist()
-        same = lambda i, j: groups[i] == groups[j]
+        same = lambda i, j, groups=groups: groups[i] == groups[j]
         assert not same(0, 1) and not same(1, 2) and not same(0, 2)
         assert not any(same(i, j) for i in range(3) for j in range(3, 6))
         for members in outlier_groups:

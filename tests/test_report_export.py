@@ -7,10 +7,12 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from firm.cli import main
+from firm.config import apply_overrides
 from firm.data import load_dataset
-from firm.detector import FIRMDetector
+from firm.detector import FIRMDetector, evaluate_model
 from firm.export import (
     BANK_NPY,
     DEPLOY_FILE,
@@ -19,10 +21,17 @@ from firm.export import (
     OnnxDetector,
     export_onnx,
 )
-from firm.models import ModelConfig
 from firm.report import build_report
-from firm.runs import evaluate_run, train_run
-from firm.training import TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
+    threads wait for each other at every operation (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("roc_histogram", "learning_curve", "extremes", "embedding")
@@ -37,10 +46,9 @@ def digits():
 def run_dir(tmp_path_factory):
     """A dataset run (digit 0 normal) as firm train writes it, not yet evaluated."""
     out = tmp_path_factory.mktemp("run") / "run"
-    data = {"dataset": "digits", "data_root": None, "normal_class": 0, "train_images": 60}
-    train_run(out, data, ModelConfig(width=8, head_hidden=64, head_layers=1),
-              TrainConfig(epochs=2, batch_size=32, lr=0.02, checkpoint_every=0), {"scorer": "cos1", "tta": "none"},
-              progress=False)
+    assert main(["train", "--dataset", "digits", "--normal-class", "0", "--train-images", "60", "--width", "8",
+                 "--head-hidden", "64", "--head-layers", "1", "--epochs", "2", "--batch-size", "32", "--lr", "0.02",
+                 "--checkpoint-every", "0", "--scorer", "cos1", "--tta", "none", "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -48,7 +56,7 @@ def run_dir(tmp_path_factory):
 def evaluated(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluated") / "run"
     shutil.copytree(run_dir, out)
-    evaluate_run(out, scorers=["cos1", "kde"], tta=["none"], progress=False)
+    evaluate_model(out, scorers=["cos1", "kde"], tta=["none"], progress=False)
     return out
 
 
@@ -58,15 +66,16 @@ def detector_dir(digits, tmp_path_factory):
     train, _ = digits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a coarse threshold from 12 held-out images is fine here
-        det = FIRMDetector(epochs=1, batch_size=32, width=8, head_hidden=64, head_layers=1, scorer="cos5", tta="angled",
-                           holdout=0.2, progress=False).fit(train.images[train.labels == 3][:60])
+        det = FIRMDetector.from_preset("detector", epochs=1, batch_size=32, width=8, head_hidden=64, head_layers=1,
+                                       scorer="cos5", tta="angled", holdout=0.2, device="cpu",
+                                       progress=False).fit(train.images[train.labels == 3][:60])
     return det.save(tmp_path_factory.mktemp("detector") / "model")
 
 
 def _variant(model_dir, tmp_path, **params):
     """The same encoder and bank saved with other scoring settings."""
     det = FIRMDetector.load(model_dir)
-    det.set_params(**params)
+    det.settings_ = apply_overrides(det.settings_, params)
     det._fit_scorers()
     return det.save(tmp_path / "variant")
 
@@ -98,11 +107,27 @@ def test_report_embeds_every_figure_and_the_results(evaluated):
     assert "AUROC cos1 / none (plotted)" in page and "firm evaluate" not in page
 
 
+def test_evaluate_records_agree_with_the_per_image_scores(evaluated):
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+    records = json.loads((evaluated / "results.json").read_text())
+    with open(evaluated / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = [int(r["is_anomaly"]) for r in rows]
+    assert len(rows) == 602 and sum(labels) == 602 - 60  # the digits test split; digit 0 is normal
+    assert all(int(r["is_anomaly"]) == (r["label"] != "0") for r in rows)
+    for r in records:
+        assert r["auroc"] == pytest.approx(roc_auc_score(labels, [float(x[f"{r['scorer']}:none"]) for x in rows]), abs=1e-4)
+    # digit 0 against the other digits is easy, even for two epochs of a width-8 network
+    assert min(r["auroc"] for r in records) > 0.8
+
+
 def test_report_falls_back_to_the_first_score_column(evaluated, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(evaluated, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["detector"]["scorer"] = "mahalanobis"  # not among the evaluated columns
+    config["settings"]["eval"]["scorer"] = "mahalanobis"  # not among the evaluated columns
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "log.jsonl").unlink()
     (folder / "results.json").unlink()
@@ -151,7 +176,8 @@ def test_export_cos1_none_and_the_cli(detector_dir, tmp_path, capsys):
     assert np.max(np.abs(OnnxDetector(tmp_path / "onnx").decision_function(images) - expected)) <= 1e-4
 
 
-@pytest.mark.parametrize("params, message", [({"scorer": "kde"}, "cos-kNN"), ({"tta": "ensemble"}, "random crops")])
+@pytest.mark.parametrize("params, message", [({"scorer": "kde"}, "cos-kNN"), ({"tta": "ensemble"}, "random crops"),
+                                             ({"center_crop": 32 / 36}, "center_crop")])
 def test_export_refuses_what_onnx_cannot_reproduce(detector_dir, tmp_path, params, message):
     model = _variant(detector_dir, tmp_path, **params)
     with pytest.raises(ValueError, match=message):

@@ -6,26 +6,47 @@ import numpy as np
 import pytest
 import torch
 
+from firm.config import ModelConfig, Settings, TrainConfig
 from firm.data import as_images, load_dataset, load_image_folder, one_class_split, resolve_data_root
-from firm.models import Encoder, ModelConfig
-from firm.serialization import (ModelFileError, load_model_dir, load_tensors, save_model_dir, save_tensors,
-                                write_json)
-from firm.training import CHECKPOINT, TrainConfig, Trainer, TrainingError
+from firm.models import Encoder
+from firm.rundir import CHECKPOINT, load_model_dir, save_model_dir, train_files
+from firm.serialization import FORMAT_VERSION, ModelFileError, load_tensors, save_tensors, write_json
+from firm.training import Trainer, TrainingError, check_train_config
 
 TINY = ModelConfig(width=4, head_hidden=16, head_layers=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
+    threads wait for each other at every operation (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
 def model_dir(tmp_path):
     model = Encoder(TINY)
-    save_model_dir(tmp_path / "m", model, {"note": "test"}, bank=torch.randn(1, 1, 10, model.feature_dim))
+    settings = Settings(model=TINY)
+    settings.train.tau = 0.5
+    save_model_dir(tmp_path / "m", model, settings, {"note": "test"}, bank=torch.randn(1, 1, 10, model.feature_dim))
     return tmp_path / "m"
 
 
-def test_round_trip(model_dir):
-    model, config, bank = load_model_dir(model_dir)
-    assert config["note"] == "test" and config["format_version"] == 1
-    assert bank.shape == (1, 1, 10, 32)
+def test_round_trip(tmp_path):
+    model = Encoder(TINY)
+    settings = Settings(model=TINY)
+    settings.train.tau, settings.eval.scorer = 0.5, "cos5"
+    bank = torch.randn(4, 1, 10, model.feature_dim)
+    save_model_dir(tmp_path / "m", model, settings, {"threshold": 0.25}, bank=bank)
+    loaded, got, state, got_bank = load_model_dir(tmp_path / "m")
+    assert state == {"threshold": 0.25} and got == settings and loaded.config == TINY
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["format_version"] == FORMAT_VERSION
+    assert torch.equal(got_bank, bank)
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
 
 
 def test_truncated_weights_are_refused(model_dir):
@@ -64,7 +85,7 @@ def test_newer_tensor_file_is_refused(tmp_path):
 
 def test_weights_that_do_not_match_the_config(model_dir):
     cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["model"]["width"] = 8
+    cfg["settings"]["model"]["width"] = 8
     write_json(model_dir / "config.json", cfg)
     with pytest.raises(ModelFileError, match="do not match the architecture"):
         load_model_dir(model_dir)
@@ -147,7 +168,7 @@ def test_corrupt_image_files_are_skipped_counted_and_listed(tmp_path):
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     images = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8)
     cfg = TrainConfig(epochs=3, batch_size=16, checkpoint_every=1, device="cpu", channels_last=False)
-    trainer = Trainer(Encoder(TINY), cfg, images, run_dir=tmp_path, progress=False)
+    trainer = Trainer(Encoder(TINY), cfg, images, files=train_files(tmp_path), progress=False)
     real_loss, calls = trainer.loss_fn, {"n": 0}
 
     def poisoned(z1, z2, labels):
@@ -169,7 +190,10 @@ def test_training_input_errors():
     with pytest.raises(ValueError, match="no training images"):
         Trainer(Encoder(TINY), TrainConfig(device="cpu"), torch.zeros(0, 3, 32, 32, dtype=torch.uint8), progress=False)
     with pytest.raises(ValueError, match="unknown loss"):
-        TrainConfig(loss="simclr")
+        check_train_config(TrainConfig(loss="simclr"))
+    with pytest.raises(ValueError, match="unknown loss"):
+        Trainer(Encoder(TINY), TrainConfig(loss="simclr", device="cpu"), torch.zeros(4, 3, 32, 32, dtype=torch.uint8),
+                progress=False)
     with pytest.raises(ValueError, match="ID class labels"):
         Trainer(Encoder(TINY), TrainConfig(device="cpu"), torch.zeros(4, 3, 32, 32, dtype=torch.uint8),
                 class_labels=torch.tensor([0, 1, -1, 0]), progress=False)
@@ -178,9 +202,9 @@ def test_training_input_errors():
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     images = torch.randint(0, 255, (20, 3, 32, 32), dtype=torch.uint8)
     cfg = TrainConfig(epochs=1, batch_size=16, device="cpu", channels_last=False)
-    Trainer(Encoder(TINY), cfg, images, run_dir=tmp_path, progress=False).train()
-    other = Trainer(Encoder(ModelConfig(width=8, head_hidden=16, head_layers=1)), cfg, images, run_dir=tmp_path,
-                    progress=False)
+    Trainer(Encoder(TINY), cfg, images, files=train_files(tmp_path), progress=False).train()
+    other = Trainer(Encoder(ModelConfig(width=8, head_hidden=16, head_layers=1)), cfg, images,
+                    files=train_files(tmp_path), progress=False)
     with pytest.raises(ModelFileError, match="another model"):
         other.train(resume=True)
 

@@ -1,11 +1,11 @@
 """firm speed at toy sizes: every figure is present, positive and finite; no timing is asserted."""
-import argparse
 import json
 import math
 
 import pytest
 import torch
 
+from firm.cli import main
 from firm.losses import FIRMLoss
 from firm.speed import (
     TARGETS,
@@ -15,7 +15,6 @@ from firm.speed import (
     measure_loss,
     measure_step,
     run_speed,
-    speed_command,
 )
 
 TINY_KNN = {"bank_size": 2000, "queries": 300, "dim": 64, "k": 5, "repeats": 2}
@@ -94,15 +93,14 @@ def test_measure_step_one_precision_only():
     assert not set(BF16_KEYS) & set(r)
 
 
-def test_speed_command_writes_json_and_table(tmp_path, monkeypatch, capsys):
+def test_firm_speed_writes_json_and_table(tmp_path, monkeypatch, capsys):
     from firm import speed
 
     def tiny_run(device, width, batch_size, amp, head):
         return run_speed(device, width, batch_size, amp, head, loss_sizes=(64,), knn=TINY_KNN, repeats=1)
 
     monkeypatch.setattr(speed, "run_speed", tiny_run)
-    args = argparse.Namespace(device="cpu", width=8, batch_size=16, amp=False, head="cpu", out=str(tmp_path / "s"), quiet=True)
-    speed_command(args)
+    assert main(["speed", "--width", "8", "--batch-size", "16", "--out", str(tmp_path / "s"), "--quiet"]) == 0
     data = json.loads((tmp_path / "s" / "speed.json").read_text())
     _positive_finite(data, ["encoder_imgs_per_s", "step_imgs_per_s", "step_over_encoder", "loss_speedup_vs_dense",
                             "knn_seconds", "matmul_floor_seconds", "sklearn_knn_seconds", "knn_over_floor",

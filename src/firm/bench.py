@@ -67,6 +67,9 @@ def plan_grid(base: Settings, datasets: list[str], classes: list[str] | None, lo
                         runs.append(RunSpec(d, str(c), loss, s, budget, resolve_mode(loss, base.train.loss_mode)))
     if not runs:
         raise ValueError("the grid is empty: give at least one dataset, class, loss, seed and budget")
+    if not base.data.ood and any(r.normal_class == "all" for r in runs):
+        raise ValueError("normal class 'all' (every class is normal) has no anomalies to score: give the "
+                         "out-of-distribution sets with --ood DATASET_OR_FOLDER")
     for spec in {r.loss: r for r in runs}.values():
         validate(spec_settings(base, spec))
     return runs[i::n]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .data import CLASS_NAMES
 from .evaluation import aulc, epochs_to_reach
+from .rundir import BENCH_REPORT, BENCH_RUNS, RESULTS
 from .serialization import atomic_write, read_json, write_json
 from .stats import PairedResult, compare, per_class_summary
 
@@ -91,7 +92,7 @@ def _is_firm(method: str) -> bool:
 def load_runs(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """The run results of a bench folder and all their records, each record given the run's
     ``loss_mode`` and ``budget`` where it lacks them (None in older folders) and its method label."""
-    runs = [read_json(f, "bench run") for f in sorted((Path(out_dir) / "runs").glob("*.json"))]
+    runs = [read_json(f, "bench run") for f in sorted((Path(out_dir) / BENCH_RUNS).glob("*.json"))]
     records = []
     for run in runs:
         for r in run.get("records", []):
@@ -586,12 +587,12 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     out = Path(out_dir)
     runs, records = load_runs(out)
     if not records:
-        write_json(out / "results.json", {"records": [], "comparisons": [], "per_class": [], "ladder": None})
-        atomic_write(out / "report.md", "# firm bench\n\nNo finished runs yet.\n")
-        return out / "report.md"
+        write_json(out / RESULTS, {"records": [], "comparisons": [], "per_class": [], "ladder": None})
+        atomic_write(out / BENCH_REPORT, "# firm bench\n\nNo finished runs yet.\n")
+        return out / BENCH_REPORT
     stats = bench_statistics(records)
     ladder = _ladder_json(stats)
-    write_json(out / "results.json", _clean({"records": records, "methods": stats["methods"], **_statistics_json(stats),
+    write_json(out / RESULTS, _clean({"records": records, "methods": stats["methods"], **_statistics_json(stats),
                                              "ladder": ladder}))
     md = ["# firm bench report", ""]
     if command:
@@ -623,5 +624,5 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     _plot_curves(curves, out / "curves.png", per_class=False)
     _plot_curves(curves, out / "curves_per_class.png", per_class=True)
     md += ["Learning curves: `curves.png` (mean over classes) and `curves_per_class.png`.", ""]
-    atomic_write(out / "report.md", "\n".join(md))
-    return out / "report.md"
+    atomic_write(out / BENCH_REPORT, "\n".join(md))
+    return out / BENCH_REPORT

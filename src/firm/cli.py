@@ -15,7 +15,8 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .config import GROUPS, PRESETS, SettingsError, Settings, apply_overrides, describe, field_type, preset
+from .config import (GROUPS, PRESETS, Settings, SettingsError, apply_overrides, describe, field_group, field_type,
+                     preset)
 
 __all__ = ["main", "build_parser"]
 
@@ -41,7 +42,6 @@ def _registries() -> dict[str, tuple[str, ...]]:
 def _value_type(name: str, cls: type):
     """An argparse type for field ``name``: parses, converts and checks choices."""
     base, is_list, is_tuple, optional = field_type(cls, name)
-    choices = _registries().get(name)
 
     def convert(text: str):
         try:
@@ -49,20 +49,28 @@ def _value_type(name: str, cls: type):
         except SettingsError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         value = getattr(getattr(value, [g for g, c in GROUPS.items() if c is cls][0]), name)
-        items = value if isinstance(value, (list, tuple)) else [value]
-        if choices and name != "dataset":
-            bad = [v for v in items if v not in choices]
-            if bad:
-                raise argparse.ArgumentTypeError(f"invalid choice {', '.join(map(str, bad))} (choose from {', '.join(choices)})")
-        if name == "dataset":
-            from .data import canonical_dataset
-            try:
-                canonical_dataset(value)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        return value
+        if value is None:
+            return "none"  # given as none: kept as text, so it still overrides the preset (None = not given)
+        try:
+            return _checked(name, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     convert.__name__ = "on|off" if base is bool else ("list" if is_list or is_tuple else base.__name__)
     return convert
+
+
+def _checked(name: str, value):
+    """``value`` of setting ``name`` with registry names checked (a ValueError naming the choices)
+    and a dataset name in its registry spelling (``Digits``, ``fashion-mnist`` -> ``digits``, ``fashionmnist``)."""
+    if name == "dataset":
+        from .data import canonical_dataset
+        return canonical_dataset(value)
+    choices = _registries().get(name)
+    items = value if isinstance(value, (list, tuple)) else [value]
+    bad = [v for v in items if v not in choices] if choices else []
+    if bad:
+        raise ValueError(f"invalid {name.replace('_', '-')} {', '.join(map(str, bad))} (choose from {', '.join(choices)})")
+    return value
 
 
 def _name_list(registry: str):
@@ -118,9 +126,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 _SETTINGS_NAMES = {f.name for cls in GROUPS.values() for f in fields(cls)}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, except a default of None ("not given": a folder, a model),
+    where "(default: None)" would tell nothing. Settings flags name their preset's value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(prog="firm", description="FIRM contrastive anomaly detection: train, score, "
                                      "evaluate, benchmark and export.")
     parser.add_argument("--version", action="version", version=f"firm {__version__}")
@@ -149,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none,angled", type=_value_type("final_tta", GROUPS["eval"]),
                    help="comma list of test-time ensembles")
     p.add_argument("--out", help="folder for results.json and scores.csv (default: the run or model folder)")
+    p.add_argument("--mask-dir", help="ground-truth masks of the folders' images (MASK_DIR/<folder>/<stem>_mask.png or "
+                   "MASK_DIR/<stem>_mask.png): adds the anomaly maps' pixel AUROC and PRO (model fitted with patch_bank > 0)")
 
     p = sub.add_parser("demo", formatter_class=fmt, help="FIRM vs NT-Xent on scikit-learn's digits, no files needed",
                        description="Every digit in turn is the normal class; FIRM and NT-Xent with the demo preset. "
@@ -202,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="image files or folders")
     p.add_argument("--out", default="scores.csv", help="CSV to write (rank, path, score, flagged)")
     p.add_argument("--threshold", type=float, help="override the model's threshold")
+    p.add_argument("--maps", metavar="DIR", help="also write anomaly-map overlays (PNG) and index.csv to DIR, a new or "
+                   "empty folder (firm report shows MODEL/maps); needs a model fitted with patch_bank > 0")
 
     p = sub.add_parser("report", formatter_class=fmt, help="HTML report: ROC, histograms, learning curve, images, embedding")
     _add_common(p)
@@ -258,9 +280,18 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.N
         return args, None
     given = {k: v for k, v in vars(args).items() if k in _SETTINGS_NAMES and v is not None}
     try:
-        settings = apply_overrides(apply_overrides(preset(args.preset), yaml_settings), given)
+        settings = apply_overrides(preset(args.preset), yaml_settings)
+        # The flags were checked as they were parsed; the --config file's values are checked here,
+        # so an unknown name fails at parse time wherever it was given.
+        for name in yaml_settings:
+            group = getattr(settings, field_group(name))
+            setattr(group, name, _checked(name, getattr(group, name)))
+    except (SettingsError, ValueError) as e:
+        sub.error(f"--config {args.config}: {e}")
+    try:
+        settings = apply_overrides(settings, given)
     except SettingsError as e:
-        parser.error(str(e))
+        sub.error(str(e))
     args.given_settings = given
     return args, settings
 
@@ -277,12 +308,18 @@ def _progress(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _check_resume_flags(args, saved: Settings) -> None:
     """A resumed run keeps its settings: refuse flags that would change them, naming each."""
     conflicts = []
     for name, value in args.given_settings.items():
-        current = getattr(getattr(saved, [g for g, c in GROUPS.items() if name in {f.name for f in fields(c)}][0]), name)
-        if value != current:
+        group = field_group(name)
+        current = getattr(getattr(saved, group), name)
+        if getattr(getattr(apply_overrides(saved, {name: value}), group), name) != current:
             conflicts.append(f"--{name.replace('_', '-')} {_show(value)} (the run has {_show(current)})")
     if conflicts:
         raise ValueError(f"--resume keeps the run's saved settings; drop {'; '.join(conflicts)}, "
@@ -297,6 +334,7 @@ def cmd_train(args, settings: Settings) -> None:
         out = prepare_output(args.resume, resume=True, flag="--resume")
         settings, _ = read_run_settings(out)
         _check_resume_flags(args, settings)
+        validate(settings)  # a run.json edited by hand is checked before anything is trained
     else:
         _require(args, "out")
         validate(settings)
@@ -305,11 +343,13 @@ def cmd_train(args, settings: Settings) -> None:
             if resolve_device(settings.train.device).type == "cpu":
                 print("note: --preset paper is the authors' 2,000-epoch width-64 run; on a CPU it takes days "
                       "(use --preset cpu for minutes)", file=sys.stderr)
-        out = prepare_output(args.out, overwrite=args.overwrite)
-        write_run_settings(out, settings)
+        # Under torchrun only rank 0 writes; the other ranks would find its files and refuse the folder.
+        out = prepare_output(args.out, overwrite=args.overwrite) if _rank() == 0 else Path(args.out)
+        if _rank() == 0:
+            write_run_settings(out, settings)
     outcome = run(settings, files=train_files(out), resume=bool(args.resume), final_eval=False,
                   progress=_progress(args))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank() == 0:
         settings.train = outcome.trained.train
         FIRMDetector.from_encoder(outcome.trained.encoder, outcome.data.normal.images, settings,
                                   outcome.trained.history, progress=_progress(args)).save(out)
@@ -320,10 +360,13 @@ def cmd_evaluate(args) -> None:
     from .detector import evaluate_model
     records = evaluate_model(args.run_dir, args.model, args.normal_dir, args.anomaly_dir, args.data_root,
                              [s.strip() for s in (args.ood or "").split(",") if s.strip()], args.scorers, args.tta,
-                             args.out, progress=_progress(args))
+                             args.out, progress=_progress(args), mask_dir=args.mask_dir)
     width = max(len(r["scorer"]) for r in records)
     for r in records:
-        print(f"{r.get('eval_set', ''):10s} {r['scorer']:{width}s}  {r['tta']:8s}  AUROC {r['auroc']:.4f}")
+        extra = "".join(f"  {label} {r[k]:.4f}" for k, label in (("pixel_auroc", "pixel AUROC"), ("pro", "PRO"))
+                        if r.get(k) is not None)
+        auc = "n/a" if r["auroc"] is None else f"{r['auroc']:.4f}"
+        print(f"{r.get('eval_set', ''):10s} {r['scorer']:{width}s}  {r['tta']:8s}  AUROC {auc}{extra}")
     print(f"results.json and scores.csv written to {args.out or args.run_dir or args.model}")
 
 
@@ -336,10 +379,12 @@ def cmd_demo(args) -> None:
                        log=lambda m: None if m.startswith("skip") else print(m))
     final = {(r["loss"], r["normal_class"]): x["auroc"] for r in results for x in r["records"]
              if x["final"] and x["scorer"] == "cos1" and x["tta"] == "none"}
-    means = {loss: sum(v for (k, _), v in final.items() if k == loss) / 10 for loss in ("firm", "ntxent")}
+    means = {loss: sum(values) / len(values) for loss in ("firm", "ntxent")
+             if (values := [v for (k, _), v in final.items() if k == loss])}
     seconds = sum(r["total_seconds"] for r in results)
     write_json(Path(args.out) / "results.json", [x for r in results for x in r["records"]])
-    print(f"\nmean cos1 AUROC over 10 digits ({args.epochs} epochs each, {seconds:.0f} s of training and scoring): "
+    digits = len({c for _, c in final})
+    print(f"\nmean cos1 AUROC over {digits} digits ({args.epochs} epochs each, {seconds:.0f} s of training and scoring): "
           + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     print(f"results written to {Path(args.out) / 'results.json'}")
 
@@ -389,15 +434,21 @@ def cmd_fit(args, settings: Settings) -> None:
         out = prepare_output(args.resume, resume=True, flag="--resume")
         settings, extra = read_run_settings(out)
         _check_resume_flags(args, settings)
+        FIRMDetector(settings)._resolved()  # a run.json edited by hand is checked before anything is read
         normal_dirs, outlier_dir = extra["normal_dir"], extra.get("outlier_dir")
     else:
         _require(args, "normal_dir", "out")
         FIRMDetector(settings)._resolved()  # refuse bad settings before anything is read or written
-        out = prepare_output(args.out, overwrite=args.overwrite)
-        normal_dirs, outlier_dir = [str(Path(p).resolve()) for p in args.normal_dir], args.outlier_dir
-        write_run_settings(out, settings, {"normal_dir": normal_dirs, "outlier_dir": outlier_dir})
+        out = prepare_output(args.out, overwrite=args.overwrite) if _rank() == 0 else Path(args.out)
+        # absolute, so that --resume works from any working directory
+        normal_dirs = [str(Path(p).resolve()) for p in args.normal_dir]
+        outlier_dir = str(Path(args.outlier_dir).resolve()) if args.outlier_dir else None
+        if _rank() == 0:
+            write_run_settings(out, settings, {"normal_dir": normal_dirs, "outlier_dir": outlier_dir})
     det = FIRMDetector(settings, progress=_progress(args))
     det.fit(normal_dirs, outliers=outlier_dir, run_dir=out, resume=bool(args.resume))
+    if _rank() != 0:
+        return
     det.save(out)
     threshold = "none" if det.threshold_ is None else f"{det.threshold_:.4g}"
     for note in det.notes_:
@@ -408,15 +459,22 @@ def cmd_fit(args, settings: Settings) -> None:
 
 def cmd_score(args) -> None:
     from .detector import FIRMDetector, score_to_csv
-    from .rundir import check_output_file
+    from .rundir import check_output_file, prepare_output
     _require(args, "model", "inputs")
     out = check_output_file(args.out)
+    maps = Path(args.maps) if args.maps else None
+    if maps is not None and maps.is_dir() and any(maps.iterdir()):
+        raise FileExistsError(f"--maps {maps} is not empty; choose a new or empty folder for the overlays")
     det = FIRMDetector.load(args.model, progress=_progress(args))
+    if maps is not None:
+        det.check_maps()  # before the folder is created
+        prepare_output(maps, flag="--maps")
     if args.threshold is not None:
         det.set_threshold(args.threshold)
-    rows = score_to_csv(det, args.inputs, out)
+    rows = score_to_csv(det, args.inputs, out, maps_dir=maps)
     flagged = sum(r["flagged"] for r in rows)
-    print(f"{len(rows)} images scored, {flagged} above the threshold; ranked CSV written to {out}")
+    written = f"; overlays and index.csv written to {maps}" if maps is not None else ""
+    print(f"{len(rows)} images scored, {flagged} above the threshold; ranked CSV written to {out}{written}")
 
 
 def cmd_report(args) -> None:
@@ -442,7 +500,6 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = _warning_line
     parser = build_parser()
     args, settings = _parse(parser, sys.argv[1:] if argv is None else argv)
     if not args.command:
@@ -450,16 +507,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .serialization import ModelFileError
     from .training import TrainingError
+    format_warning, warnings.formatwarning = warnings.formatwarning, _warning_line
     try:
         command = COMMANDS[args.command]
         command(args, settings) if settings is not None else command(args)
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command in ("train", "fit") else ""
-        print(f"\nfirm {args.command}: interrupted{hint}", file=sys.stderr)
+        start = "\n" if _progress(args) else ""  # end the line a progress bar was drawing
+        print(f"{start}firm {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (OSError, ValueError, ModelFileError, TrainingError) as e:
         print(f"firm {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = format_warning
     return 0
 
 

@@ -51,7 +51,7 @@ class DataConfig(_Group):
     """Which images a run trains and is evaluated on."""
 
     dataset: str = "cifar10"
-    """cifar10, cifar100 (20 superclasses), fashionmnist, mnist, digits, or folder:PATH"""
+    """cifar10, cifar100 (20 superclasses), fashionmnist, mnist or digits"""
     data_root: str | None = None
     """folder holding the dataset files (default: $FIRM_DATA_ROOT)"""
     normal_class: str = "0"
@@ -91,7 +91,7 @@ class ModelConfig(_Group):
     init: str = "kaiming"
     """weight initialisation: kaiming (the authors': fan_out normal, BN weight 1 bias 0) or pytorch (PyTorch's defaults)"""
     weights: str | None = None
-    """pretrained backbone weights to start from: a torchvision-layout state dict (.safetensors, or .pth read with weights_only)"""
+    """pretrained backbone weights to start from: a torchvision-layout state dict (.safetensors, or .pth, tensors only)"""
     frozen_stages: int = 0
     """keep the stem and the first k of the 4 ResNet stages frozen (no gradient, BatchNorm statistics fixed); 0 = train all"""
 
@@ -137,7 +137,7 @@ class TrainConfig(_Group):
     checkpoint_every: int = 10
     """epochs between checkpoints (and at the end); 0 = only at the end of a run folder's training"""
     eval_every: int = 100
-    """log the evaluation-split cos1 AUROC every N epochs (a learning curve for reports; never used to choose the model); 0 = off"""
+    """log the evaluation-split cos1 AUROC every N epochs (a learning curve, never used to choose the model); 0 = off"""
     crop_scale: tuple[float, float] = (0.25, 1.0)
     """scale range of the random resized crop of the training views"""
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4)
@@ -180,6 +180,8 @@ class DetectorConfig(_Group):
     """expected share of anomalies (sets the threshold instead of target_fpr)"""
     holdout: float = 0.1
     """share of normal images held out to set the threshold"""
+    patch_bank: int = 4096
+    """patches kept in the detector's patch bank for anomaly maps (a greedy coreset); 0 = no maps"""
 
 
 @dataclass

@@ -3,11 +3,13 @@
     det = FIRMDetector.from_preset("detector", epochs=30).fit("normal_images/")  # folder, paths, array
     det.decision_function(["new1.png", "new2.jpg"])          # higher = more anomalous
     det.predict(new_images)                                   # 1 = anomaly, 0 = normal
+    det.anomaly_maps(new_images)                              # (N, H, W) heat maps, higher = more anomalous
     det.save("model/"); FIRMDetector.load("model/")
 
 ``fit`` holds out a fraction of the normal images, trains the encoder on the rest, keeps their
 backbone features as the bank, and sets ``threshold_`` so that a ``target_fpr`` share of the
-held-out normal images would be flagged (or a ``contamination`` share, when given).
+held-out normal images would be flagged (or a ``contamination`` share, when given). With
+``patch_bank > 0`` it also keeps a :class:`~firm.maps.PatchBank` of training patches for anomaly maps.
 """
 from __future__ import annotations
 
@@ -22,18 +24,23 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
-from .config import Settings, apply_overrides, preset
-from .data import ImageSet, as_images, load_image_folder
+from .config import DataConfig, Settings, apply_overrides, preset
+from .data import ImageSet, as_images, load_image_folder, read_masks
 from .features import FeatureSet, extract_features
+from .maps import PatchBank, image_scores, map_metrics, save_overlays
 from .models import Encoder
 from .evaluation import evaluate_scorers
 from .losses import resolve_mode
-from .rundir import LOG, RESULTS, SCORES, load_model_dir, read_log, save_model_dir, train_files
+from .rundir import LOG, PATCHES, RESULTS, SCORES, load_extra, load_model_dir, read_log, save_model_dir, train_files
 from .runner import final_scorers, prepare_data, train_encoder, validate
 from .scoring import apply_scorers, fit_scorers
 from .serialization import ModelFileError, atomic_write, write_json
 
-__all__ = ["FIRMDetector", "read_images", "score_to_csv", "evaluate_model", "write_results"]
+__all__ = ["FIRMDetector", "read_images", "score_to_csv", "evaluate_model", "write_results", "FOLDER_PREFIX"]
+
+FOLDER_PREFIX = "folder:"
+"""``settings.data.dataset`` of a detector fitted on image files or arrays: ``folder:`` and the
+images' common folder (``folder:array`` for arrays)."""
 
 
 def read_images(X, size: int = 32, channels: int = 3, name: str = "images") -> tuple[Tensor, list[str]]:
@@ -60,8 +67,9 @@ class FIRMDetector(BaseEstimator):
     ``target_fpr`` share of them (or a ``contamination`` share) would be flagged.
 
     Fitted attributes: ``settings_`` (the settings really used, ``shifts auto`` resolved),
-    ``encoder_``, ``bank_`` (training features at 4 rotations), ``threshold_``,
-    ``holdout_scores_``, ``history_`` (per-epoch log), ``train_paths_``, ``notes_``.
+    ``encoder_``, ``bank_`` (training features at 4 rotations), ``patches_`` (the
+    :class:`~firm.maps.PatchBank` for :meth:`anomaly_maps`, None when ``patch_bank`` is 0),
+    ``threshold_``, ``holdout_scores_``, ``history_`` (per-epoch log), ``train_paths_``, ``notes_``.
     """
 
     def __init__(self, settings: Settings | None = None, progress: bool = True):
@@ -76,12 +84,14 @@ class FIRMDetector(BaseEstimator):
     # ------------------------------------------------------------------ fitting
     def _resolved(self) -> Settings:
         s = (self.settings or preset("detector")).copy()
-        validate(s)
+        validate(dataclasses.replace(s, data=DataConfig()))  # the images come from fit(X), not from the data settings
         rate = s.detector.contamination if s.detector.contamination is not None else s.detector.target_fpr
         if not 0 < rate < 1:
             raise ValueError(f"target_fpr / contamination must be in (0, 1), got {rate}")
         if not 0 <= s.detector.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {s.detector.holdout}")
+        if s.detector.patch_bank < 0:
+            raise ValueError(f"patch_bank must be >= 0 (0 = no anomaly maps), got {s.detector.patch_bank}")
         return s
 
     def fit(self, X, y=None, outliers=None, run_dir: str | os.PathLike | None = None,
@@ -106,9 +116,15 @@ class FIRMDetector(BaseEstimator):
         trained = train_encoder(s, images[train_idx], auxiliary=aux, files=files, resume=resume,
                                 progress=self.progress, log=self._log)
         s.train = trained.train
+        # Trained on images given here, not on a dataset's split: recorded so that nothing (firm
+        # evaluate, the report) takes the preset's dataset for the data the detector learned.
+        source = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else "array"
+        s.data = dataclasses.replace(s.data, dataset=f"{FOLDER_PREFIX}{source}", normal_class="0", train_images=None)
         self.settings_, self.history_, self.notes_ = s, trained.history, trained.notes
-        self.train_paths_ = [paths[i] for i in train_idx.tolist()] if paths else []
+        self.train_paths_ = [str(Path(paths[i]).resolve()) for i in train_idx.tolist()] if paths else []
         self._fit_scoring(trained.encoder, images[train_idx])  # features on the training device
+        self.patches_ = (PatchBank(self.encoder_, max_bank=s.detector.patch_bank, seed=s.train.seed).fit(images[train_idx])
+                         if s.detector.patch_bank > 0 else None)
         if n_hold:
             self.holdout_scores_ = self.decision_function(images[hold_idx])
             self.set_threshold_from(self.holdout_scores_)
@@ -128,6 +144,7 @@ class FIRMDetector(BaseEstimator):
         det = cls(settings, progress=progress)
         det.settings_ = det._resolved()
         det.history_, det.notes_, det.train_paths_ = list(history), [], []
+        det.patches_ = None
         det.holdout_scores_, det.threshold_ = np.zeros(0), None
         det._fit_scoring(encoder, bank_images)
         return det
@@ -177,6 +194,21 @@ class FIRMDetector(BaseEstimator):
                                    progress=self.progress, config=e)
         return apply_scorers(self.scorers_, queries).numpy().astype(np.float64)
 
+    def check_maps(self) -> None:
+        """Raise the error that says how to get anomaly maps when this detector has no patch bank."""
+        self._check_fitted()
+        if getattr(self, "patches_", None) is None:
+            raise ValueError("this detector has no patch bank, so it cannot make anomaly maps (it was fitted with "
+                             "patch_bank 0, or by firm train or an older firm): refit it with patch_bank > 0, "
+                             "e.g. firm fit --patch-bank 4096")
+
+    def anomaly_maps(self, X) -> np.ndarray:
+        """Anomaly maps ``(N, H, W)`` at the detector's image size (float32, higher = more
+        anomalous; each map's maximum is an image score): see :mod:`firm.maps`."""
+        self.check_maps()
+        images, _ = self.read(X)
+        return self.patches_.anomaly_maps(images).numpy()
+
     def score_samples(self, X) -> np.ndarray:
         """scikit-learn's convention: higher = more normal (minus :meth:`decision_function`)."""
         return -self.decision_function(X)
@@ -190,7 +222,7 @@ class FIRMDetector(BaseEstimator):
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike) -> Path:
-        """Weights (safetensors), feature bank (safetensors) and settings (JSON) in ``directory``."""
+        """Weights, feature bank and patch bank (safetensors) and settings (JSON) in ``directory``."""
         self._check_fitted()
         state = {"threshold": self.threshold_, "holdout_scores": np.asarray(self.holdout_scores_).tolist(),
                  "train_paths": self.train_paths_, "notes": self.notes_}
@@ -198,7 +230,8 @@ class FIRMDetector(BaseEstimator):
         directory.mkdir(parents=True, exist_ok=True)
         if self.history_ and not (directory / LOG).exists():
             atomic_write(directory / LOG, "".join(json.dumps(r) + "\n" for r in self.history_))
-        return save_model_dir(directory, self.encoder_, self.settings_, state, self.bank_.features)
+        extra = {PATCHES: _patch_bank_tensors(self.patches_)} if getattr(self, "patches_", None) is not None else None
+        return save_model_dir(directory, self.encoder_, self.settings_, state, self.bank_.features, extra)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu", progress: bool = False) -> "FIRMDetector":
@@ -216,15 +249,48 @@ class FIRMDetector(BaseEstimator):
         det.notes_ = state.get("notes", [])
         det.history_ = read_log(directory)
         det._fit_scorers()
+        saved = load_extra(directory, PATCHES, "patch bank")
+        det.patches_ = None if saved is None else _patch_bank_from(encoder, *saved, Path(directory) / PATCHES)
         return det
 
 
-def score_to_csv(det: FIRMDetector, inputs, out: str | os.PathLike) -> list[dict]:
+_PATCH_PARAMS = ("stages", "coreset", "max_bank", "projection_dim", "sigma", "max_grid", "batch_size", "seed")
+
+
+def _patch_bank_tensors(patches: PatchBank) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and header metadata of ``patches.safetensors``."""
+    params = {k: getattr(patches, k) for k in _PATCH_PARAMS}
+    params["stages"] = list(params["stages"])
+    return ({"bank": patches.bank_.float(), "stage_scales": patches.stage_scales_.float()},
+            {"params": params, "n_patches": int(patches.n_patches_), "grid": list(patches.grid_)})
+
+
+def _patch_bank_from(encoder: Encoder, tensors: dict[str, Tensor], meta: dict, path: Path) -> PatchBank:
+    """A fitted :class:`PatchBank` on ``encoder`` from what :func:`_patch_bank_tensors` saved."""
+    try:
+        patches = PatchBank(encoder, **{k: meta["params"][k] for k in _PATCH_PARAMS})
+        patches.bank_, patches.stage_scales_ = tensors["bank"], tensors["stage_scales"]
+        patches.n_patches_, patches.grid_ = int(meta["n_patches"]), tuple(meta["grid"])
+        dims = list(encoder.map_dims(patches.stages))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ModelFileError(f"patch bank {path} lacks its tensors or parameters ({e}); refit the detector") from e
+    if patches.bank_.ndim != 2 or patches.bank_.shape[1] != sum(dims) or len(patches.stage_scales_) != len(dims):
+        raise ModelFileError(f"patch bank {path} has features of shape {tuple(patches.bank_.shape)}, the encoder's "
+                             f"stages {list(patches.stages)} give {sum(dims)} dimensions; refit the detector")
+    return patches
+
+
+def score_to_csv(det: FIRMDetector, inputs, out: str | os.PathLike, maps_dir: str | os.PathLike | None = None
+                 ) -> list[dict]:
     """Score image files or folders; write a CSV ranked by anomaly score (``rank, path, score,
     flagged``: ``flagged`` is the prediction, score above the threshold, not a ground truth) and
-    return its rows. Paths are absolute, so the CSV can be read from any working directory."""
+    return its rows. Paths are absolute, so the CSV can be read from any working directory.
+    With ``maps_dir``, also write each image's anomaly-map overlay and ``index.csv`` there
+    (:func:`firm.maps.save_overlays`)."""
     import csv
     import io
+    if maps_dir is not None:
+        det.check_maps()  # before any image is read
     found = load_image_folder(inputs, det.image_size, det.settings_.model.in_channels, name="images to score")
     scores = det.decision_function(found.images)
     flags = scores > det.threshold_ if det.threshold_ is not None else np.zeros(len(scores), dtype=bool)
@@ -236,6 +302,8 @@ def score_to_csv(det: FIRMDetector, inputs, out: str | os.PathLike) -> list[dict
     writer.writeheader()
     writer.writerows({**r, "score": f"{r['score']:.6g}"} for r in rows)
     atomic_write(out, buf.getvalue())
+    if maps_dir is not None:
+        save_overlays(found.images, torch.from_numpy(det.anomaly_maps(found.images)), found.paths, maps_dir)
     return rows
 
 
@@ -257,19 +325,25 @@ def write_results(out_dir: Path, records: list[dict], scores: dict[tuple[str, st
 def evaluate_model(run_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
                    normal_dirs=None, anomaly_dirs=None, data_root: str | None = None, ood: list[str] = (),
                    scorers: list[str] = ("all",), tta: list[str] = ("none",), out_dir: str | os.PathLike | None = None,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, mask_dir: str | os.PathLike | None = None) -> list[dict]:
     """AUROC of a saved model for every scorer and ensemble, written to ``results.json`` and
     per-image ``scores.csv``: on its dataset's test split (``run_dir``; with ``ood`` for a run
     trained on every class) or on labelled folders (``model_dir`` with ``normal_dirs`` and
-    ``anomaly_dirs``)."""
+    ``anomaly_dirs``). With ``mask_dir`` (ground-truth masks matched to the images by name, see
+    :func:`firm.data.read_masks`; folders only) a ``patch_map`` record adds the anomaly maps'
+    image AUROC (map maxima), ``pixel_auroc`` and ``pro``."""
     if not (run_dir or model_dir):
         raise ValueError("evaluate needs a run folder (firm evaluate RUN_DIR) or --model DIR")
+    if mask_dir is not None and not (normal_dirs or anomaly_dirs):
+        raise ValueError("--mask-dir needs the folders it describes: pass --normal-dir and --anomaly-dir")
     folder = Path(run_dir or model_dir)
     det = FIRMDetector.load(folder, progress=progress)
+    if mask_dir is not None:
+        det.check_maps()
     s = det.settings_
     e = dataclasses.replace(s.eval, scorers=list(scorers), final_tta=list(tta))
-    validate(dataclasses.replace(s, eval=e))
     if normal_dirs or anomaly_dirs:
+        validate(dataclasses.replace(s, eval=e, data=DataConfig()))  # the names; the data are the folders
         if not (normal_dirs and anomaly_dirs):
             raise ValueError("folder evaluation needs both --normal-dir and --anomaly-dir")
         normal, normal_paths = det.read(normal_dirs, "normal images")
@@ -281,21 +355,30 @@ def evaluate_model(run_dir: str | os.PathLike | None = None, model_dir: str | os
                   enumerate(zip(names, y.tolist()))])]
     else:
         data = dataclasses.replace(s.data, data_root=data_root or s.data.data_root, ood=list(ood) or s.data.ood)
-        if not (s.data.dataset and s.data.normal_class is not None) or "folder" in s.data.dataset:
+        if not s.data.dataset or s.data.dataset.startswith(FOLDER_PREFIX):
             raise ModelFileError(f"{folder} was not trained on a dataset; evaluate it with --normal-dir and --anomaly-dir")
+        if data.normal_class == "all" and not data.ood:
+            raise ValueError(f"{folder} was trained on every class of {s.data.dataset}: there is no anomaly in its test "
+                             "split; pass --ood DATASET_OR_FOLDER to score it against out-of-distribution images")
+        validate(dataclasses.replace(s, eval=e, data=data))
         prepared = prepare_data(dataclasses.replace(s, data=data))
         sets = [(name, images.images, y, [{"index": i, "label": int(c), "is_anomaly": int(a)} for i, (c, a) in
                                           enumerate(zip(images.labels.tolist(), y.tolist()))])
                 for name, images, y in prepared.eval_sets]
-        if not sets:
-            raise ValueError(f"{folder} was trained on every class of {s.data.dataset}: there is no anomaly in its test "
-                             "split; pass --ood DATASET_OR_FOLDER to score it against out-of-distribution images")
     base = {"loss": s.train.loss, "loss_mode": resolve_mode(s.train.loss, s.train.loss_mode), "dataset": s.data.dataset,
             "normal_class": s.data.normal_class, "seed": s.train.seed, "epoch": s.train.epochs}
     all_records, all_scores, all_rows = [], {}, []
     for name, images, y, rows in sets:
         records, scores = evaluate_scorers(det.encoder_, det.bank_, images, y, final_scorers(e), list(e.final_tta),
                                            progress=progress, config=e)
+        if mask_dir is not None:
+            paths = [r["path"] for r in rows]
+            maps = torch.from_numpy(det.patches_.anomaly_maps(images).numpy())
+            masks = read_masks(paths, mask_dir, det.image_size, y)
+            metrics = map_metrics(maps, masks, y.numpy())
+            records.append({"scorer": "patch_map", "tta": "none", "auroc": metrics.get("image_auroc"),
+                            "pixel_auroc": metrics.get("pixel_auroc"), "pro": metrics.get("pro")})
+            scores[("patch_map", "none")] = image_scores(maps)
         all_records += [{**base, "eval_set": name, **r} for r in records]
         for key, value in scores.items():
             all_scores[key] = torch.cat([all_scores[key], value]) if key in all_scores else value

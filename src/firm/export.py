@@ -33,8 +33,11 @@ class ExportError(ValueError):
     """The exported model does not reproduce the detector's scores (a ValueError, so the CLI reports it plainly)."""
 
 
-def _check_scoring(scorer: str, tta: str) -> tuple[int, bool]:
+def _check_scoring(scorer: str, tta: str, center_crop: float = 1.0) -> tuple[int, bool]:
     """``(k, use_norm)`` of a cos-kNN scorer; a clear error for what the ONNX scorer cannot reproduce."""
+    if center_crop != 1:
+        raise ValueError(f"ONNX export supports models scored without the test-time zoom (center_crop 1), not "
+                         f"center_crop {center_crop:.4g}; refit with --center-crop 1 to deploy with onnxruntime")
     match = _SCORER.match(str(scorer))
     if not match or int(match.group(1)) < 1:
         raise ValueError(f"ONNX export supports the cos-kNN scorers (cos1, cos5, cos1_norm, cos5_norm, ...), not "
@@ -125,21 +128,23 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     onnxruntime's scores match PyTorch's on ``check_images`` fixed random images; raises
     :class:`ExportError` if they differ by more than ``tolerance``. Returns a summary dict."""
     from .detector import FIRMDetector
+    from .rundir import ONNX
     from .serialization import atomic_write, write_json
     model_dir = Path(model_dir)
-    out = Path(out) if out is not None else model_dir / "onnx"
+    out = Path(out) if out is not None else model_dir / ONNX
     det = FIRMDetector.load(model_dir, progress=False)
-    k, _ = _check_scoring(det.scorer, det.tta)
+    scorer, tta = det.settings_.eval.scorer, det.settings_.eval.tta
+    k, _ = _check_scoring(scorer, tta, det.settings_.eval.center_crop)
     size, channels = det.encoder_.config.image_size, det.encoder_.config.in_channels
     out.mkdir(parents=True, exist_ok=True)
     _export_backbone(det.encoder_, out / ENCODER_FILE, size, channels)
-    bank = det.bank_.features[:_TTA_TURNS[det.tta], 0].float().numpy()
+    bank = det.bank_.features[:_TTA_TURNS[tta], 0].float().numpy()
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(bank), allow_pickle=False)
     atomic_write(out / BANK_NPY, buf.getvalue())
     settings = {"format": DEPLOY_FORMAT, "format_version": 1, "image_size": size, "channels": channels,
                 "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0]},
-                "scorer": det.scorer, "k": k, "tta": det.tta, "rotations": int(bank.shape[0]),
+                "scorer": scorer, "k": k, "tta": tta, "rotations": int(bank.shape[0]),
                 "threshold": det.threshold_, "bank_size": int(bank.shape[1]), "feature_dim": int(bank.shape[2]),
                 "score": "minus the mean top-k cosine similarity to the bank, averaged over rotations "
                          "(rotation r = r x 90 degrees counter-clockwise, against bank[r]); higher = more anomalous",
@@ -153,4 +158,4 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         raise ExportError(f"ONNX scores differ from PyTorch's by up to {diff:.3g} (> {tolerance:g}); the export "
                            f"in {out} is not faithful")
     return {"path": str(out / ENCODER_FILE), "bank": str(out / BANK_NPY), "config": str(out / DEPLOY_FILE),
-            "max_abs_diff": diff, "images_checked": check_images, "scorer": det.scorer, "tta": det.tta}
+            "max_abs_diff": diff, "images_checked": check_images, "scorer": scorer, "tta": tta}

@@ -5,21 +5,29 @@ How a map is made (Roth et al., "Towards Total Recall in Industrial Anomaly Dete
 1. *Patch features.* The backbone's stage-2 and stage-3 feature maps (the mid-level layers:
    stage 1 is too generic, stage 4 too specific to what the network was trained on) are each
    averaged over a 3 x 3 neighbourhood, so that a patch feature describes its surroundings too.
-   Stage 3 is bilinearly upsampled to stage 2's grid; a grid finer than ``max_grid`` cells per
-   side (CIFAR stems keep stage 2 at half the image size) is average-pooled down to it, which
-   bounds the patches per image. Each stage is L2-normalised per patch and the two are
-   concatenated and divided by sqrt(2): every patch feature is a unit vector, both stages weigh
-   the same whatever their scale (a random and a trained network's stages differ by orders of
-   magnitude), and the Euclidean distance between patches is ``sqrt(2 - 2 cos)``, so the
-   nearest-neighbour search is the project's cosine search (:func:`~firm.scoring.knn_similarity`).
+   The patch grid is stage 2's, average-pooled by a whole factor when finer than ``max_grid``
+   cells a side (the CIFAR stem keeps stage 2 at half the image size), which bounds the patches
+   per image; stage 3 is sampled bilinearly at the grid's patch centres and concatenated.
+   Positions are exact: a strided convolution centres cell ``i`` on pixel ``i * stride``, and
+   maps are placed there (plain ``align_corners=False`` resizing would shift them by up to
+   half a cell, 4-8 px at stride 8-16).
+   Features are not L2-normalised (PatchCore compares raw features by Euclidean distance, and
+   their size tells anomalies apart too), but each stage is divided by its mean patch norm on
+   the training images, so both stages weigh the same whatever their scale (random and trained
+   networks differ there by large factors). On KolektorSDD at 128 px (random-init width-16
+   ResNet-18, CIFAR stem, bank 4096) this beat per-patch L2 normalisation: pixel AUROC 0.80
+   vs 0.75, image AUROC 0.72 vs 0.58 (development figures, one seed).
 2. *Memory bank.* The patch features of all normal training images, subsampled by greedy
    k-center coreset selection (each new member is the patch farthest from the members so far,
    distances measured on a random projection to ``projection_dim`` dimensions) to
    ``coreset`` of the patches and at most ``max_bank`` of them: the bank, and so the memory
-   and the search per test patch, stay bounded however many training images there are.
-3. *Maps.* Each test patch's distance to its nearest bank patch, bilinearly upsampled to the
-   input image size and smoothed by a Gaussian (sigma 4 px, as PatchCore). The image score is
-   the map's maximum (higher = more anomalous).
+   and the search per test patch, stay bounded however many training images there are. The
+   selection costs ``bank size x patches x min(D, projection_dim)`` multiply-adds, the
+   largest part of ``fit`` on a CPU.
+3. *Maps.* Each test patch's Euclidean distance to its nearest bank patch (exact, through
+   faiss in blocks), placed at the patch's centre and interpolated bilinearly to every pixel,
+   then smoothed by a Gaussian (sigma 4 px, as PatchCore). The image score is the map's
+   maximum (higher = more anomalous).
 
 Metrics: :func:`pixel_auroc` (ROC over all pixels) and :func:`pro_score` (area under the
 per-region-overlap curve up to a false-positive rate of 0.3, normalised, as in MVTec AD).
@@ -31,6 +39,7 @@ import csv
 import io
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,32 +54,62 @@ from .models import Encoder
 from .scoring import knn_similarity
 from .serialization import atomic_write
 
-__all__ = ["PatchBank", "patch_features", "greedy_coreset", "gaussian_blur", "image_scores", "pixel_auroc",
+__all__ = ["PatchBank", "patch_features", "greedy_coreset", "nearest_distance", "gaussian_blur", "image_scores", "pixel_auroc",
            "pro_score", "map_metrics", "save_overlays", "read_overlay_index", "MAPS_INDEX"]
 
 MAPS_INDEX = "index.csv"  # written by save_overlays beside the PNG files: file, name, score
 _STAGES = (2, 3)
 
 
-def _grid_size(h: int, w: int, max_grid: int) -> tuple[int, int]:
-    return min(h, max_grid), min(w, max_grid)
+def _stride(pixels: int, cells: int) -> int:
+    """Input pixels per cell of a ResNet feature map: a power of two (each strided layer halves
+    the map, rounding up). Cell ``i`` of such a map is centred on pixel ``i * stride``."""
+    return 2 ** round(math.log2(pixels / cells))
+
+
+def _sample(m: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Bilinear samples of ``m`` ``(B, C, h, w)`` at fractional cell indices ``rows`` x ``cols``;
+    beyond the first and the last cell the edge value is repeated."""
+    h, w = m.shape[-2:]
+    gy = rows.float() * (2 / max(h - 1, 1)) - 1
+    gx = cols.float() * (2 / max(w - 1, 1)) - 1
+    yy, xx = torch.meshgrid(gy.to(m.device), gx.to(m.device), indexing="ij")
+    grid = torch.stack([xx, yy], dim=-1).expand(len(m), -1, -1, -1)
+    return F.grid_sample(m, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 @torch.no_grad()
-def patch_features(encoder: Encoder, x: Tensor, stages: Sequence[int] = _STAGES, max_grid: int = 32) -> Tensor:
-    """Unit-norm patch features ``(B, D, h, w)`` of images ``x`` (float, in [0, 1], on the
-    encoder's device), on the first stage's grid capped at ``max_grid`` cells per side."""
+def patch_features(encoder: Encoder, x: Tensor, stages: Sequence[int] = _STAGES,
+                   max_grid: int = 32) -> tuple[Tensor, tuple[float, float, float, float]]:
+    """Patch features ``(B, D, h, w)`` of images ``x`` (float, in [0, 1], on the encoder's
+    device; the stages' channels in order, not normalised) and where the patches lie:
+    ``(oy, sy, ox, sx)``, patch ``(i, j)`` being centred on pixel ``(oy + i * sy, ox + j * sx)``.
+
+    The grid is the first stage's, average-pooled by a whole factor when it has more than
+    ``max_grid`` cells a side. The other stages are sampled bilinearly at the grid's patch
+    centres (a strided convolution centres cell ``i`` on pixel ``i * stride``, which
+    ``align_corners`` interpolation would shift by half a cell).
+    """
     maps = encoder.feature_maps(x, tuple(stages))
-    grid = _grid_size(*maps[0].shape[-2:], max_grid)
+    H, W = x.shape[-2:]
+    h1, w1 = maps[0].shape[-2:]
+    fy, fx = math.ceil(h1 / max_grid), math.ceil(w1 / max_grid)
+    ty, tx = _stride(H, h1), _stride(W, w1)
+    oy, sy, ox, sx = (fy - 1) / 2 * ty, fy * ty, (fx - 1) / 2 * tx, fx * tx
+    size = (math.ceil(h1 / fy), math.ceil(w1 / fx))
+    rows, cols = oy + sy * torch.arange(size[0]), ox + sx * torch.arange(size[1])
     parts = []
     for m in maps:
-        m = F.avg_pool2d(m.float(), 3, stride=1, padding=1, count_include_pad=False)
-        if m.shape[-2] > grid[0] or m.shape[-1] > grid[1]:
-            m = F.adaptive_avg_pool2d(m, grid)
-        if m.shape[-2:] != grid:
-            m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
-        parts.append(F.normalize(m, dim=1))
-    return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+        m = F.avg_pool2d(m.float(), 3, stride=1, padding=1, count_include_pad=False)  # 3 x 3 neighbourhood
+        ty, tx = _stride(H, m.shape[-2]), _stride(W, m.shape[-1])
+        gy, gx = max(1, int(sy // ty)), max(1, int(sx // tx))
+        if gy > 1 or gx > 1:  # finer than the grid: average first, so that sampling does not alias
+            m = F.avg_pool2d(m, (gy, gx), stride=(gy, gx), ceil_mode=True)
+        my, mx = (gy - 1) / 2 * ty, (gx - 1) / 2 * tx
+        if m.shape[-2:] != size or (my, gy * ty, mx, gx * tx) != (oy, sy, ox, sx):
+            m = _sample(m, (rows - my) / (gy * ty), (cols - mx) / (gx * tx))
+        parts.append(m)
+    return torch.cat(parts, dim=1), (oy, sy, ox, sx)
 
 
 def greedy_coreset(features: Tensor, size: int, projection_dim: int | None = 128, seed: int = 0) -> Tensor:
@@ -141,23 +180,35 @@ def image_scores(maps: Tensor) -> Tensor:
     return maps.flatten(1).amax(1)
 
 
+def nearest_distance(bank: Tensor, queries: Tensor) -> Tensor:
+    """Euclidean distance of each query ``(Q, D)`` to its nearest bank row ``(M, D)``, exact,
+    through :func:`~firm.scoring.knn_similarity` (faiss, in blocks, so memory stays bounded):
+    ``|q - b|^2 = |q|^2 - max_b (2 q.b - |b|^2)``, an inner product of ``[q, 1]`` with
+    ``[2 b, -|b|^2]``."""
+    bank, queries = bank.float(), queries.float()
+    keys = torch.cat([2 * bank, -(bank * bank).sum(1, keepdim=True)], dim=1)
+    best = knn_similarity(keys, torch.cat([queries, queries.new_ones(len(queries), 1)], dim=1), 1)[:, 0]
+    return ((queries * queries).sum(1) - best).clamp_(min=0).sqrt_()
+
+
 class PatchBank:
     """Patch-level anomaly detector on an encoder's backbone (PatchCore-style); see the module doc.
 
     Parameters: ``encoder`` (its backbone is used, in eval mode, never changed), ``stages``
     (1-indexed ResNet stages; the first sets the patch grid), ``coreset`` (share of the training
-    patches kept, 1.0 = all), ``max_bank`` (at most this many patches kept: bounds memory and
-    the search), ``projection_dim`` (dimensions of the random projection for the coreset
-    selection), ``sigma`` (Gaussian smoothing of the maps, in input pixels), ``max_grid``
-    (patches per side at most), ``batch_size`` (images per forward pass and per search),
-    ``seed``.
+    patches kept, 1.0 = all), ``max_bank`` (at most this many patches kept: bounds the memory,
+    the coreset's cost and the search), ``projection_dim`` (dimensions of the random projection
+    for the coreset selection), ``sigma`` (Gaussian smoothing of the maps, in input pixels),
+    ``max_grid`` (patches per side at most), ``batch_size`` (images per forward pass and per
+    search), ``seed``.
 
-    Fitted attributes: ``bank_`` (unit-norm patch features ``(M, D)``), ``n_patches_`` (training
-    patches before the coreset), ``grid_`` (patch grid of the training images).
-    Follows the PyOD sign convention: higher = more anomalous.
+    Fitted attributes: ``bank_`` (scaled patch features ``(M, D)``), ``stage_scales_`` (the
+    mean patch norm of each stage on the training images, which the features are divided by),
+    ``n_patches_`` (training patches before the coreset), ``grid_`` (patch grid of the training
+    images). Follows the PyOD sign convention: higher = more anomalous.
     """
 
-    def __init__(self, encoder: Encoder, stages: Sequence[int] = _STAGES, coreset: float = 0.1, max_bank: int = 16384,
+    def __init__(self, encoder: Encoder, stages: Sequence[int] = _STAGES, coreset: float = 0.1, max_bank: int = 4096,
                  projection_dim: int | None = 128, sigma: float = 4.0, max_grid: int = 32, batch_size: int = 32,
                  seed: int = 0):
         self.encoder, self.stages, self.coreset, self.max_bank = encoder, tuple(stages), coreset, max_bank
@@ -182,26 +233,36 @@ class PatchBank:
         return images
 
     def _patches(self, images: Tensor):
-        """Yield ``(start, patch features (B, D, h, w) on the CPU)`` batch by batch, in eval mode."""
+        """Yield ``(start, patch features (B * h * w, D) on the CPU, (B, h, w), layout)`` batch by
+        batch, the model in eval mode."""
         model, device = self.encoder, model_device(self.encoder)
         was_training = model.training
         model.eval()
         try:
             for start in range(0, len(images), self.batch_size):
                 x = images[start:start + self.batch_size].to(device).float().div_(255)
-                yield start, patch_features(model, x, self.stages, self.max_grid).cpu()
+                feats, layout = patch_features(model, x, self.stages, self.max_grid)
+                b, d, h, w = feats.shape
+                yield start, feats.permute(0, 2, 3, 1).reshape(-1, d).cpu(), (b, h, w), layout
         finally:
             model.train(was_training)
+
+    def _stage_split(self) -> list[int]:
+        return list(self.encoder.map_dims(self.stages))
 
     def fit(self, images: Tensor) -> "PatchBank":
         """Build the memory bank from normal uint8 images ``(N, C, H, W)``."""
         self._check()
         images = self._as_images(images)
         chunks = []
-        for _, p in self._patches(images):
-            self.grid_ = tuple(p.shape[-2:])
-            chunks.append(p.permute(0, 2, 3, 1).reshape(-1, p.shape[1]))
+        for _, feats, (_, h, w), _ in self._patches(images):
+            self.grid_ = (h, w)
+            chunks.append(feats)
         feats = torch.cat(chunks)
+        dims = self._stage_split()
+        norms = torch.stack([part.norm(dim=1).mean() for part in feats.split(dims, dim=1)])
+        self.stage_scales_ = norms.clamp(min=1e-12)
+        feats = feats / self._channel_scales()
         self.n_patches_ = len(feats)
         size = min(self.max_bank, max(1, math.ceil(self.coreset * len(feats))))
         if size < len(feats):
@@ -209,18 +270,23 @@ class PatchBank:
         self.bank_ = feats.contiguous()
         return self
 
+    def _channel_scales(self) -> Tensor:
+        dims = self._stage_split()
+        return torch.cat([s.expand(d) for s, d in zip(self.stage_scales_, dims)])
+
     def anomaly_maps(self, images: Tensor) -> Tensor:
-        """Anomaly maps ``(N, H, W)`` at the images' size (float32, higher = more anomalous):
-        nearest-bank-patch distance, upsampled bilinearly, smoothed by the Gaussian."""
+        """Anomaly maps ``(N, H, W)`` at the images' size (float32, higher = more anomalous): each
+        patch's distance to its nearest bank patch, placed at the patch's centre and interpolated
+        bilinearly between centres, then smoothed by the Gaussian."""
         if not hasattr(self, "bank_"):
             raise RuntimeError("PatchBank is not fitted: call fit(normal_images) first")
         images = self._as_images(images)
-        out = torch.empty(len(images), *images.shape[-2:])
-        for start, p in self._patches(images):
-            b, d, h, w = p.shape
-            cos = knn_similarity(self.bank_, p.permute(0, 2, 3, 1).reshape(-1, d), 1)[:, 0]
-            dist = (2 - 2 * cos).clamp_(min=0).sqrt_().view(b, 1, h, w)
-            up = F.interpolate(dist, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        H, W = images.shape[-2:]
+        out = torch.empty(len(images), H, W)
+        scales = self._channel_scales()
+        for start, feats, (b, h, w), (oy, sy, ox, sx) in self._patches(images):
+            dist = nearest_distance(self.bank_, feats / scales).view(b, 1, h, w)
+            up = _sample(dist, (torch.arange(H) - oy) / sy, (torch.arange(W) - ox) / sx)
             out[start:start + b] = gaussian_blur(up.squeeze(1), self.sigma)
         return out
 
@@ -291,10 +357,11 @@ def pro_score(maps, masks, max_fpr: float = 0.3) -> float:
 def map_metrics(maps, masks=None, is_anomaly=None, max_fpr: float = 0.3) -> dict:
     """``image_auroc`` (map maxima against ``is_anomaly``), ``pixel_auroc`` and ``pro`` (when
     masks are given), each left out when its labels hold only one kind."""
-    out = {}
+    out, maps = {}, torch.as_tensor(maps)
     if is_anomaly is not None and len(np.unique(np.asarray(is_anomaly))) == 2:
-        out["image_auroc"] = auroc(image_scores(torch.as_tensor(maps)).numpy(), np.asarray(is_anomaly))
-    if masks is not None and 0 < int((torch.as_tensor(masks) != 0).sum()) < torch.as_tensor(masks).numel():
+        out["image_auroc"] = auroc(image_scores(maps).numpy(), np.asarray(is_anomaly))
+    defect = None if masks is None else int((torch.as_tensor(masks) != 0).sum())
+    if defect is not None and 0 < defect < maps.numel():
         out["pixel_auroc"] = pixel_auroc(maps, masks)
         out["pro"] = pro_score(maps, masks, max_fpr)
     return out
@@ -304,14 +371,14 @@ def _overlay_names(paths_or_names: Sequence[str | os.PathLike]) -> list[str]:
     """File names for the overlays: the image's stem, with its folder's name in front when two
     images share a stem (MVTec AD's test/crack/000.png and test/good/000.png), then a number."""
     paths = [Path(str(p)) for p in paths_or_names]
-    stems = [p.stem or "image" for p in paths]
-    names = [f"{p.parent.name}_{s}" if stems.count(s) > 1 and p.parent.name else s for p, s in zip(paths, stems)]
-    seen: dict[str, int] = {}
-    out = []
+    stems = Counter(p.stem or "image" for p in paths)
+    names = [f"{p.parent.name}_{p.stem}" if stems[p.stem or "image"] > 1 and p.parent.name else p.stem or "image"
+             for p in paths]
+    counts, seen, out = Counter(names), Counter(), []
     for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if names.count(n) == 1 else f"{n}_{seen[n]}")
-    return [f"{n}.png" for n in out]
+        seen[n] += 1
+        out.append(f"{n}.png" if counts[n] == 1 else f"{n}_{seen[n]}.png")
+    return out
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -342,6 +409,7 @@ def save_overlays(images: Tensor, maps: Tensor, paths_or_names: Sequence[str | o
         raise ValueError(f"maps must be (N, H, W) = {(len(images), *images.shape[-2:])}, got {tuple(maps.shape)}")
     if len(paths_or_names) != len(images):
         raise ValueError(f"{len(paths_or_names)} names for {len(images)} images")
+    masks = None if masks is None else torch.as_tensor(masks)
     if masks is not None and tuple(masks.shape) != tuple(maps.shape):
         raise ValueError(f"masks must have the maps' shape {tuple(maps.shape)}, got {tuple(masks.shape)}")
     lo = float(maps.min()) if vmin is None else float(vmin)

@@ -25,8 +25,9 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 from .maps import MAPS_INDEX
-from .serialization import CONFIG_FILE, atomic_write, load_model_dir, read_json
-from .training import LOG
+from .rundir import CONFIG as CONFIG_FILE
+from .rundir import LOG, MAPS, load_model_dir
+from .serialization import atomic_write, read_json
 
 __all__ = ["build_report"]
 
@@ -34,7 +35,6 @@ _NON_SCORE = {"index", "path", "label", "is_anomaly"}
 _GRID = 8  # images per row of the most / least anomalous grids
 _MAX_EMBED = 2000  # scored images in the projection: enough to see the clusters, cheap on a CPU
 _COLOURS = {0: ("#2c7bb6", "normal"), 1: ("#d7191c", "anomalous")}
-_MAPS_DIR = "maps"  # anomaly-map overlays in a run folder (firm score --maps RUN_DIR/maps)
 
 
 class _Page:
@@ -63,10 +63,30 @@ class _Page:
 
 
 def _read_scores(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of ``firm evaluate``'s scores.csv and its score columns (``scorer:tta``). The
+    ranking ``firm score`` writes is no evaluation: its ``rank`` is no score and ``flagged`` a
+    prediction, not the truth, so such a file gives no rows."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    columns = [c for c in (rows[0] if rows else {}) if c not in _NON_SCORE]
+    if not rows or "is_anomaly" not in rows[0]:
+        return [], []
+    columns = [c for c in rows[0] if c not in _NON_SCORE and ":" in c]
     return rows, columns
+
+
+def _read_config(path: Path) -> dict:
+    """config.json as the page reads it: the settings' groups, and ``detector`` with the scorer,
+    ensemble, threshold and training files of the model. A detector fitted on image files has
+    no dataset."""
+    raw = read_json(path, "model config")
+    settings, state = raw.get("settings") or {}, raw.get("state") or {}
+    data = settings.get("data") or {}
+    if str(data.get("dataset", "")).startswith("folder:"):
+        data = {}
+    ev = settings.get("eval") or {}
+    return {**settings, "data": data,
+            "detector": {**(settings.get("detector") or {}), "scorer": ev.get("scorer"), "tta": ev.get("tta"),
+                         "threshold": state.get("threshold"), "train_paths": state.get("train_paths") or []}}
 
 
 def _scored_images(rows: list[dict], wanted: list[int], config: dict,
@@ -88,12 +108,15 @@ def _scored_images(rows: list[dict], wanted: list[int], config: dict,
     data = config.get("data") or {}
     if not data.get("dataset"):
         return [], None, "scores.csv has neither image paths nor a dataset to take the images from"
-    from .runs import run_data
+    from .config import settings_from_dict
+    from .runner import prepare_data
     try:
-        _, test, _, _ = run_data(data)
-    except (FileNotFoundError, ValueError) as e:
+        settings = settings_from_dict({g: config[g] for g in ("data", "model", "train") if config.get(g)})
+        sets = {name: images.images for name, images, _ in prepare_data(settings).eval_sets}
+        images = [sets[rows[i].get("eval_set") or next(iter(sets))][int(rows[i]["index"])] for i in wanted]
+    except (FileNotFoundError, ValueError, KeyError, IndexError) as e:
         return [], None, f"test images unavailable ({e}); set FIRM_DATA_ROOT to show them"
-    return wanted, test.images[[int(rows[i]["index"]) for i in wanted]], ""
+    return wanted, torch.stack(images) if images else None, ""
 
 
 def _roc_and_histograms(page: _Page, scores: np.ndarray, labels: np.ndarray, column: str, threshold,
@@ -125,8 +148,9 @@ def _roc_and_histograms(page: _Page, scores: np.ndarray, labels: np.ndarray, col
 
 def _learning_curve(page: _Page, log: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(11, 3.6))
-    epochs = [r["epoch"] for r in log]
-    ax.plot(epochs, [r["loss"] for r in log], "o-" if len(log) < 30 else "-", color="black", label="training loss")
+    losses = [(r["epoch"], r["loss"]) for r in log if "loss" in r]  # epoch 0 (untrained) has an AUROC only
+    if losses:
+        ax.plot(*zip(*losses), "o-" if len(log) < 30 else "-", color="black", label="training loss")
     ax.set(xlabel="epoch", ylabel="loss", title="Learning curve")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     keys = sorted({k for r in log for k in r if k.startswith("auroc")})
@@ -221,8 +245,10 @@ def _summary(config: dict, records: list[dict], threshold, scores, labels, auc, 
     plotted = [r for r in records if f"{r.get('scorer')}:{r.get('tta', 'none')}" == column]
     if auc is not None and not plotted:
         rows.append((f"AUROC {column} (from scores.csv, plotted)", f"{auc:.4f}"))
-    return rows + [(f"AUROC {r['scorer']} / {r.get('tta', 'none')}" + (" (plotted)" if r in plotted else ""),
-                    f"{r['auroc']:.4f}") for r in records if "auroc" in r]
+    rows += [(f"AUROC {r['scorer']} / {r.get('tta', 'none')}" + (" (plotted)" if r in plotted else ""),
+              f"{r['auroc']:.4f}") for r in records if r.get("auroc") is not None]
+    return rows + [(f"{label} {r['scorer']}", f"{r[k]:.4f}") for r in records
+                   for k, label in (("pixel_auroc", "pixel AUROC"), ("pro", "PRO")) if r.get(k) is not None]
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, progress: bool = True,
@@ -236,7 +262,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, progress: b
     if not any(present.values()):
         raise FileNotFoundError(f"{run_dir} holds no model, log or scores: pass a folder written by firm train or firm fit")
     out = Path(out) if out is not None else run_dir / "report"
-    config = read_json(run_dir / CONFIG_FILE, "model config") if present[CONFIG_FILE] else {}
+    config = _read_config(run_dir / CONFIG_FILE) if present[CONFIG_FILE] else {}
     det = config.get("detector") or {}
     threshold = det.get("threshold")
     records = json.loads((run_dir / "results.json").read_text()) if present["results.json"] else []
@@ -255,7 +281,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, progress: b
     else:
         evaluate = f"firm evaluate {run_dir}" if (config.get("data") or {}).get("dataset") else \
             f"firm evaluate --model {run_dir} --normal-dir NORMAL_DIR --anomaly-dir ANOMALY_DIR"
-        notes.append(f"No scores.csv in this folder: run `{evaluate}` to add the ROC curve, score histograms, "
+        notes.append(f"No scores.csv of firm evaluate in this folder: run `{evaluate}` to add the ROC curve, score histograms, "
                      "image grids, test images in the projection and the AUROC figures.")
     if not config:
         notes.append(f"No {CONFIG_FILE}: training has not finished; `firm train --resume {run_dir}` completes it.")
@@ -273,7 +299,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, progress: b
         page.text("h2", "Training")
         _learning_curve(page, log)
     if config and (run_dir / "bank.safetensors").exists():
-        model, _, bank = load_model_dir(run_dir)
+        model, _, _, bank = load_model_dir(run_dir)
         queries = query_labels = None
         if scores is not None:
             # read only the images shown: the extremes for the grid and a seeded sample for the projection
@@ -289,7 +315,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, progress: b
                 queries, query_labels = images[pick], labels[[kept[n] for n in pick]]
         page.text("h2", "Embeddings")
         _projection(page, model, bank[0, 0], queries, query_labels, progress)
-    maps_dir = Path(maps) if maps is not None else run_dir / _MAPS_DIR
+    maps_dir = Path(maps) if maps is not None else run_dir / MAPS
     if (maps_dir / MAPS_INDEX).is_file():
         page.text("h2", "Anomaly maps")
         _anomaly_maps(page, maps_dir, rows)

@@ -8,6 +8,8 @@ A run or model folder (``firm train --out``, ``firm fit --out``):
 ``checkpoint.safetensors``  weights, optimizer and schedule, replaced atomically
 ``model.safetensors``  the trained encoder's weights
 ``bank.safetensors``   backbone features of the training images at four rotations
+``patches.safetensors``  the patch bank for anomaly maps (coreset of training patch features,
+                       stage scales; its parameters in the header), absent when ``patch_bank`` is 0
 ``config.json``        the settings the run really used, the threshold, format version and
                        the SHA-256 of each tensor file (written last: present = complete)
 ``results.json``       ``firm evaluate``'s records (scorer, ensemble, AUROC)
@@ -37,15 +39,16 @@ from .serialization import (FORMAT_NAME, FORMAT_VERSION, ModelFileError, check_f
                             save_tensors, to_cpu_state, write_json)
 from .training import TrainFiles
 
-__all__ = ["RUN_SETTINGS", "LOG", "CHECKPOINT", "MODEL", "BANK", "CONFIG", "RESULTS", "SCORES", "REPORT", "ONNX",
+__all__ = ["RUN_SETTINGS", "LOG", "CHECKPOINT", "MODEL", "BANK", "PATCHES", "CONFIG", "RESULTS", "SCORES", "REPORT", "ONNX",
            "MAPS", "BENCH_RUNS", "BENCH_PARTIAL", "BENCH_REPORT", "prepare_output", "check_output_file", "train_files",
-           "write_run_settings", "read_run_settings", "save_model_dir", "load_model_dir", "read_log"]
+           "write_run_settings", "read_run_settings", "save_model_dir", "load_model_dir", "load_extra", "read_log"]
 
 RUN_SETTINGS = "run.json"
 LOG = "log.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
 BANK = "bank.safetensors"
+PATCHES = "patches.safetensors"
 CONFIG = "config.json"
 RESULTS = "results.json"
 SCORES = "scores.csv"
@@ -55,7 +58,7 @@ MAPS = "maps"
 BENCH_RUNS = "runs"
 BENCH_PARTIAL = "partial"
 BENCH_REPORT = "report.md"
-_RUN_ITEMS = (RUN_SETTINGS, LOG, CHECKPOINT, MODEL, BANK, CONFIG, RESULTS, SCORES, REPORT, ONNX, MAPS)
+_RUN_ITEMS = (RUN_SETTINGS, LOG, CHECKPOINT, MODEL, BANK, PATCHES, CONFIG, RESULTS, SCORES, REPORT, ONNX, MAPS)
 
 
 def prepare_output(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
@@ -81,8 +84,9 @@ def prepare_output(path: str | os.PathLike, overwrite: bool = False, resume: boo
         if foreign:
             raise FileExistsError(f"{flag} {path} holds files firm did not write ({', '.join(foreign[:5])}); "
                                   "--overwrite only replaces a firm run folder: choose a new folder")
-        for p in path.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for p in path.iterdir():  # what an earlier run wrote, and temporary files of its interrupted writes
+            if p.name in _RUN_ITEMS or (p.name.startswith(".") and p.name.endswith(".tmp")):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -135,15 +139,19 @@ def read_log(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def save_model_dir(directory: str | os.PathLike, model: Encoder, settings: Settings, state: dict | None = None,
-                   bank: Tensor | None = None) -> Path:
+                   bank: Tensor | None = None, extra: dict[str, tuple[dict[str, Tensor], dict]] | None = None) -> Path:
     """Weights, feature bank and ``config.json`` (the settings used, ``state`` such as the
-    threshold, the format version and each tensor file's SHA-256); the config is written last."""
+    threshold, the format version and each tensor file's SHA-256); the config is written last.
+    ``extra`` maps more tensor files (e.g. :data:`PATCHES`) to ``(tensors, metadata)``; only the
+    files listed in ``config.json`` are read back."""
     from . import __version__
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = {MODEL: save_tensors(directory / MODEL, to_cpu_state(model), {"model": model.config.to_dict()})}
     if bank is not None:
         files[BANK] = save_tensors(directory / BANK, {"bank": bank.float()})
+    for name, (tensors, metadata) in (extra or {}).items():
+        files[name] = save_tensors(directory / name, tensors, metadata)
     settings = settings.copy()
     settings.model = model.config
     write_json(directory / CONFIG, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "firm_version": __version__,
@@ -154,7 +162,8 @@ def save_model_dir(directory: str | os.PathLike, model: Encoder, settings: Setti
 def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu"
                    ) -> tuple[Encoder, Settings, dict, Tensor | None]:
     """``(encoder, settings, state, bank)`` from a folder written by :func:`save_model_dir`;
-    ``bank`` is None if there is none. Never unpickles; every kind of bad file gets a clear error."""
+    ``bank`` is None if there is none. Never unpickles; every kind of bad file gets a clear error.
+    Extra tensor files are read with :func:`load_extra`."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelFileError(f"model folder {directory} does not exist; pass the folder written by firm train or firm fit")
@@ -192,3 +201,13 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
             raise ModelFileError(f"feature bank in {directory / BANK} has dimension {bank.shape[-1]}, "
                                  f"the model's features have {model.feature_dim}")
     return model.to(device).eval(), settings, dict(config.get("state", {})), bank
+
+
+def load_extra(directory: str | os.PathLike, name: str, what: str) -> tuple[dict[str, Tensor], dict] | None:
+    """``(tensors, metadata)`` of an extra tensor file that :func:`save_model_dir` wrote (its
+    SHA-256 checked against ``config.json``), or None when the folder's config lists none."""
+    directory = Path(directory)
+    files = read_json(directory / CONFIG, "model config").get("files", {})
+    if name not in files:
+        return None
+    return load_tensors(directory / name, what, files[name])

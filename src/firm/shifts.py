@@ -548,8 +548,8 @@ def choose_shifts(images: Tensor, seed: int = 0, max_images: int = 1000) -> tupl
     matters below ~40 images), the images have an orientation and the choice is ``["rotation"]``
     (the paper's outliers, all three turns). Otherwise they are taken as rotation-invariant and
     the choice is ``["cutpaste", "cutpaste_scar"]``: local defects, outliers of any image, the
-    two kinds the CutPaste paper's best detector used together and the authors' outliers for
-    industrial images. Fewer than 4 images cannot be tested: cut-paste is chosen.
+    two kinds the CutPaste paper's best detector used together, and the authors' outliers for
+    MVTec AD in some versions of their code. Fewer than 4 images cannot be tested: cut-paste.
 
     A cheap proxy: a CNN sees orientation that these descriptors miss, so natural photos with a
     weak orientation (animals in varied poses, e.g. some CIFAR-10 classes, 55-70%) get cut-paste;

@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +28,10 @@ from .config import preset
 from .losses import OUTLIER_LABEL, FIRMLoss
 from .models import Encoder, ModelConfig
 from .scoring import knn_similarity
-from .serialization import write_json
 from .training import TrainConfig, Trainer, machine_info, resolve_device
 
 __all__ = ["dense_firm_loss", "lean_dense_firm_loss", "measure_knn", "measure_loss", "measure_step", "run_speed",
-           "speed_command"]
+           "format_table"]
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -263,7 +261,8 @@ def run_speed(device: str = "cpu", width: int = 16, batch_size: int = 256, amp: 
     return result
 
 
-def _table(r: dict) -> str:
+def format_table(r: dict) -> str:
+    """The measurements as the table ``firm speed`` prints."""
     lines = [(f"{r['device_name']} ({r['device']}), torch {r['torch']}, {r['torch_threads']} threads, "
               f"width {r['width']}, batch {r['batch_size']}, amp {'on' if r['amp'] else 'off'}"),
              f"{'encoder fwd+bwd':28s}{r['encoder_imgs_per_s']:12.1f} img/s",
@@ -283,12 +282,3 @@ def _table(r: dict) -> str:
                f"(ours x{r['knn_speedup_vs_sklearn_euclidean']:.1f})")]
     lines += [f"{'target ' + name:50s}{'met' if ok else 'NOT met'}" for name, ok in r["targets_met"].items()]
     return "\n".join(lines)
-
-
-def speed_command(args) -> None:
-    """``firm speed``: measure, write ``OUT/speed.json`` atomically and print a table."""
-    result = run_speed(args.device, args.width, args.batch_size, bool(args.amp), args.head)
-    path = Path(args.out) / "speed.json"
-    write_json(path, result)
-    print(_table(result))
-    print(f"written to {path}")
