@@ -28,7 +28,7 @@ from firm.config import apply_overrides, preset
 from firm.data import load_defect_dataset, resize_images
 from firm.detector import FIRMDetector
 from firm.evaluation import auroc
-from firm.maps import PatchBank, map_metrics
+from firm.maps import map_metrics
 from firm.scoring import knn_similarity
 from firm.training import machine_info
 
@@ -43,25 +43,20 @@ def raw_pixel_knn(train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return -knn_similarity(vectors(train), vectors(test), 1)[:, 0]
 
 
-def detector_figures(name: str, overrides: dict, root: Path, maps: bool) -> dict:
+def detector_figures(name: str, overrides: dict, root: Path) -> dict:
+    """Fit the detector (encoder, feature bank and patch bank) and score the test images."""
     settings = apply_overrides(preset("detector"), overrides)
     size = settings.model.image_size
     train, test, is_anomaly, masks = load_defect_dataset(root, size, settings.model.in_channels)
     start = time.perf_counter()
     det = FIRMDetector(settings, progress=False).fit(train.images)
-    fit_seconds = time.perf_counter() - start
     out = {"detector": name, "image_size": size, "settings": det.settings_.to_dict(), "notes": det.notes_,
-           "fit_seconds": fit_seconds,
+           "fit_seconds": time.perf_counter() - start,
            "image_auroc_features": auroc(det.decision_function(test.images), is_anomaly)}
-    if maps:
-        start = time.perf_counter()
-        bank = PatchBank(det.encoder_).fit(train.images)
-        out["patch_bank_seconds"] = time.perf_counter() - start
-        start = time.perf_counter()
-        anomaly_maps = bank.anomaly_maps(test.images)
-        out["maps_seconds"] = time.perf_counter() - start
-        out.update({f"{k}_maps" if k == "image_auroc" else k: v
-                    for k, v in map_metrics(anomaly_maps, masks, is_anomaly).items()})
+    start = time.perf_counter()
+    anomaly_maps = det.anomaly_maps(test.images)
+    out["maps_seconds"] = time.perf_counter() - start
+    out.update({f"{k}_maps" if k == "image_auroc" else k: v for k, v in map_metrics(anomaly_maps, masks, is_anomaly).items()})
     return out
 
 
@@ -84,8 +79,8 @@ def main():
         start = time.perf_counter()
         row["raw_pixel_knn"] = {"image_auroc": auroc(raw_pixel_knn(train.images, test.images), is_anomaly),
                                 "fit_seconds": time.perf_counter() - start}
-        row["detector_32px"] = detector_figures("detector preset (32 px)", {"seed": args.seed}, root, maps=False)
-        row["detector_128px"] = detector_figures("128 px, shifts auto", large, root, maps=True)
+        row["detector_32px"] = detector_figures("detector preset (32 px)", {"seed": args.seed}, root)
+        row["detector_128px"] = detector_figures("128 px, shifts auto", large, root)
         results["sets"][name] = row
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps({k: v for k, v in row["detector_128px"].items() if k != "settings"}), flush=True)
@@ -93,15 +88,17 @@ def main():
              f"Command: `{results['command']} --root ../shared/data/industrial`; machine: "
              f"{results['machine']['device_name']}, {results['machine']['torch_threads']} torch threads, torch "
              f"{results['machine']['torch']}. Development figures: the defaults may be tuned on these folders.", "",
-             "| set | raw-pixel kNN | detector preset (32 px) | 128 px, auto shifts: features | map max | pixel AUROC | PRO "
-             "| fit s (32 px / 128 px + patch bank) | shifts chosen |", "|---|---|---|---|---|---|---|---|---|"]
+             "| set | detector | image AUROC, features (cos1) | image AUROC, map max | pixel AUROC | PRO | fit s | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    cell = lambda v: "-" if v is None else f"{v:.3f}"
     for name, row in results["sets"].items():
-        d, o = row["detector_128px"], row["detector_32px"]
-        cell = lambda v: "-" if v is None else f"{v:.3f}"
-        lines.append(f"| {name} | {row['raw_pixel_knn']['image_auroc']:.3f} | {o['image_auroc_features']:.3f} | "
-                     f"{d['image_auroc_features']:.3f} | {cell(d.get('image_auroc_maps'))} | {cell(d.get('pixel_auroc'))} | "
-                     f"{cell(d.get('pro'))} | {o['fit_seconds']:.0f} / {d['fit_seconds']:.0f} + {d['patch_bank_seconds']:.0f} | "
-                     f"{'; '.join(d['notes'])} |")
+        lines.append(f"| {name} | raw-pixel kNN ({PIXEL_SIZE} px) | {row['raw_pixel_knn']['image_auroc']:.3f} | - | - | - | "
+                     f"{row['raw_pixel_knn']['fit_seconds']:.0f} | |")
+        for key in ("detector_32px", "detector_128px"):
+            d = row[key]
+            lines.append(f"| {name} | {d['detector']} | {d['image_auroc_features']:.3f} | {cell(d.get('image_auroc_maps'))} "
+                         f"| {cell(d.get('pixel_auroc'))} | {cell(d.get('pro'))} | {d['fit_seconds']:.0f} "
+                         f"| {'; '.join(d['notes'])} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
