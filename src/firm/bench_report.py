@@ -597,9 +597,10 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     md = ["# firm bench report", ""]
     if command:
         md += [f"Command: `{command}`", ""]
-    wall = sum(r.get("total_seconds", 0.0) for r in runs)
-    md += [f"Machine: {_machines(runs)}. Runs: {len(runs)}, total wall time {wall / 3600:.2f} h "
-           f"({wall / max(len(runs), 1) / 60:.1f} min per run).", ""]
+    timed = [r["total_seconds"] for r in runs if r.get("total_seconds") is not None]
+    wall = (f"total wall time {sum(timed) / 3600:.2f} h ({sum(timed) / len(timed) / 60:.1f} min per run"
+            + (f", {len(timed)} of the runs timed)" if len(timed) < len(runs) else ")") if timed else "run times not recorded")
+    md += [f"Machine: {_machines(runs)}. Runs: {len(runs)}, {wall}.", ""]
     md += _presets(runs)
     modes = defaultdict(set)
     for r in records:
