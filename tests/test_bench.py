@@ -10,14 +10,6 @@ from firm.bench_report import convergence, final_aurocs, learning_curves
 from firm.config import Settings, apply_overrides, preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
-    threads wait for each other at every operation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def curve_records(dataset, cls, loss, seed, epochs, values):
@@ -114,7 +106,6 @@ def test_shards_partition_the_grid():
 
 def test_same_data_order_for_every_loss():
     """Losses share the seed-derived batch plan and augmentation stream: only the loss differs."""
-    import torch
 
     from firm.models import Encoder
     from firm.training import Trainer

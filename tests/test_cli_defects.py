@@ -27,14 +27,6 @@ from firm.rundir import write_run_settings
 from firm.serialization import load_tensors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
-    threads wait for each other at every operation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 SMALL = ["--width", "4", "--head-hidden", "16", "--head-layers", "1", "--batch-size", "16", "--device", "cpu", "--quiet"]
 FIT = [*SMALL, "--epochs", "1"]

@@ -14,14 +14,6 @@ from firm.models import Encoder
 from firm.training import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
-    threads wait for each other at every operation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 DATA_ROOT = Path(os.environ.get("FIRM_TEST_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_cifar = pytest.mark.skipif(not (DATA_ROOT / "cifar-10-batches-py").is_dir(), reason=f"no CIFAR-10 under {DATA_ROOT}")

@@ -15,21 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from firm.cli import main
 from firm.data import load_dataset, load_image_folder
 from firm.detector import FIRMDetector
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
-    threads wait for each other at every operation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 DATA_ROOT = Path(os.environ.get("FIRM_TEST_DATA_ROOT", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 NORMAL, ANOMALIES = 6, (8, 9)  # frog; ship and truck: far enough apart for a 2-epoch tiny network

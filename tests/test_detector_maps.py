@@ -20,12 +20,6 @@ from firm.rundir import CONFIG, PATCHES
 SIZE, TRAIN, TEST = 32, 16, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _grey(rng) -> np.ndarray:

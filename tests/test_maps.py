@@ -28,14 +28,6 @@ GREY, SIZE = 90, 64
 SQUARE = (slice(24, 40), slice(24, 40))  # rows, columns of the pasted square
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: on a busy 2-core machine handing them between threads costs up
-    to 25x the work itself, so run this module's torch ops in one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_encoder(seed=0):

@@ -14,13 +14,6 @@ from firm.config import ModelConfig, SettingsError, preset
 from firm.models import (BACKBONES, Encoder, WeightsError, freeze_bn_stats, load_pretrained, resolve_stem)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run faster on one thread than on several contending for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(**kw) -> ModelConfig:

@@ -7,7 +7,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from firm.cli import main
 from firm.config import apply_overrides
@@ -24,14 +23,6 @@ from firm.export import (
 from firm.report import build_report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
-    threads wait for each other at every operation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("roc_histogram", "learning_curve", "extremes", "embedding")

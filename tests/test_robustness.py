@@ -16,14 +16,6 @@ from firm.training import Trainer, TrainingError, check_train_config
 TINY = ModelConfig(width=4, head_hidden=16, head_layers=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tiny networks gain nothing from more, and on a loaded machine two
-    threads wait for each other at every operation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

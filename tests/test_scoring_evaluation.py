@@ -119,13 +119,6 @@ def test_score_passes_the_config_to_the_scorers():
     assert not torch.allclose(low, high)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: tiny convolutions on a busy 2-core machine run many times slower with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_model(seed=0):
@@ -137,7 +130,7 @@ def _tiny_images(n, seed):
     return torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def test_evaluate_scorers_all_and_a_stored_bank(one_thread):
+def test_evaluate_scorers_all_and_a_stored_bank():
     model = _tiny_model()
     normal, test = _tiny_images(12, 0), _tiny_images(10, 1)
     y = torch.tensor([0, 1] * 5)

@@ -20,14 +20,6 @@ from firm.speed import (
 TINY_KNN = {"bank_size": 2000, "queries": 300, "dim": 64, "k": 5, "repeats": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy machine two threads waiting on each other make tiny runs
-    many times slower, and no figure here is a timing under test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _positive_finite(d: dict, keys) -> None:
