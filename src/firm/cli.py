@@ -28,13 +28,13 @@ def _registries() -> dict[str, tuple[str, ...]]:
     if not _CHOICES:
         from .features import TTA_MODES
         from .losses import LOSS_MODES, LOSSES
-        from .models import BACKBONES, STEMS
+        from .models import BACKBONES, INITS, STEMS
         from .scoring import SCORERS
         from .shifts import SHIFTS
         from .data import DATASETS
         _CHOICES.update(loss=tuple(LOSSES), loss_mode=LOSS_MODES, scorer=tuple(SCORERS), tta=tuple(TTA_MODES),
                         scorers=(*SCORERS, "all"), final_tta=tuple(TTA_MODES), shifts=(*SHIFTS, "auto"),
-                        backbone=tuple(BACKBONES), stem=STEMS, init=("kaiming", "pytorch"), split=("test", "validation"),
+                        backbone=tuple(BACKBONES), stem=STEMS, init=INITS, split=("test", "validation"),
                         dataset=tuple(DATASETS))
     return _CHOICES
 
@@ -48,7 +48,7 @@ def _value_type(name: str, cls: type):
             value = apply_overrides(Settings(), {name: text})
         except SettingsError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-        value = getattr(getattr(value, [g for g, c in GROUPS.items() if c is cls][0]), name)
+        value = getattr(getattr(value, field_group(name)), name)
         if value is None:
             return "none"  # given as none: kept as text, so it still overrides the preset (None = not given)
         try:

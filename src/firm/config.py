@@ -225,7 +225,7 @@ def _check_unique_names() -> None:
 _check_unique_names()
 
 
-def _base_type(cls: type, name: str):
+def field_type(cls: type, name: str) -> tuple[type, bool, bool, bool]:
     """``(type, is_list, is_tuple, optional)`` of a field, from its annotation."""
     hints = typing.get_type_hints(cls)
     t = hints[name]
@@ -242,14 +242,9 @@ def _base_type(cls: type, name: str):
     return t, False, False, optional
 
 
-def field_type(cls: type, name: str) -> tuple[type, bool, bool, bool]:
-    """Public view of :func:`_base_type` for the command line."""
-    return _base_type(cls, name)
-
-
 def _coerce(cls: type, name: str, value):
     """``value`` (from YAML, JSON or a string on the command line) as the field's type."""
-    base, is_list, is_tuple, optional = _base_type(cls, name)
+    base, is_list, is_tuple, optional = field_type(cls, name)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional or is_list:
             return None if optional else []

@@ -21,7 +21,7 @@ from .data import ImageSet, canonical_dataset, load_dataset, load_image_folder, 
 from .evaluation import evaluate_scorers
 from .features import TTA_MODES
 from .losses import resolve_mode
-from .models import Encoder, resolve_stem
+from .models import Encoder, check_model_config
 from .scoring import SCORERS
 from .shifts import choose_shifts
 from .training import Trainer, TrainFiles, check_train_config, machine_info
@@ -53,7 +53,7 @@ def validate(settings: Settings) -> None:
         raise ValueError(f"ocsvm_nu must be in (0, 1], got {e.ocsvm_nu}")
     if m.image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {m.image_size}")
-    resolve_stem(m)
+    check_model_config(m)
     canonical_dataset(d.dataset)
     if d.split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {d.split!r}")
