@@ -1,4 +1,5 @@
 """firm bench: report arithmetic on hand-made curves, resume, shards."""
+import json
 import math
 
 import pytest
@@ -84,6 +85,14 @@ def test_interrupted_bench_completes_the_rest_without_redoing(tmp_path, monkeypa
 
     with pytest.raises(ValueError, match="other settings"):
         run_grid(specs[:1], tiny(lr=0.05), tmp_path, progress=False, log=lambda *_: None)
+
+    # a run stored before a setting existed used that setting's default: still the same run
+    stored = tmp_path / "runs" / f"{specs[0].key}.json"
+    record = json.loads(stored.read_text())
+    del record["settings"]["detector"]["large_image_size"]
+    stored.write_text(json.dumps(record))
+    calls.clear()
+    assert len(run_grid(specs, settings, tmp_path, progress=False, log=lambda *_: None)) == len(specs) and calls == []
 
 
 def test_shards_partition_the_grid():

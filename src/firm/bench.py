@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import Settings
+from .config import Settings, SettingsError, settings_from_dict
 from .data import NUM_CLASSES, canonical_dataset
 from .losses import resolve_mode
 from .rundir import BENCH_PARTIAL, BENCH_RUNS, read_run_settings, train_files, write_run_settings
@@ -135,6 +135,18 @@ def _summary(result: dict) -> str:
             + f" ({result['total_seconds']:.0f} s)")
 
 
+def _same_settings(stored: dict | None, settings: Settings) -> bool:
+    """Whether a finished run's stored settings are ``settings``. A field added to the settings
+    after the run was made counts as its default value, which is what the run used then."""
+    if not isinstance(stored, dict):
+        return False
+    try:
+        stored = settings_from_dict(stored).to_dict()
+    except (SettingsError, TypeError, ValueError):  # a field that no longer exists
+        return False
+    return json.loads(json.dumps(stored)) == json.loads(json.dumps(settings.to_dict()))
+
+
 def run_grid(specs: list[RunSpec], base: Settings, out_dir: str | Path, preset_name: str = "", jobs: int = 1,
              threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Run every cell not already done in ``out_dir/runs`` and return all finished results.
@@ -151,7 +163,7 @@ def run_grid(specs: list[RunSpec], base: Settings, out_dir: str | Path, preset_n
         path = runs_dir / f"{spec.key}.json"
         if path.exists():
             done = json.loads(path.read_text())
-            if done.get("settings") != json.loads(json.dumps(settings.to_dict())):
+            if not _same_settings(done.get("settings"), settings):
                 raise ValueError(f"{path} holds a run with other settings; use another --out folder or remove that file")
             log(f"skip {spec.key} (done)")
             results.append(done)

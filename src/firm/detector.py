@@ -25,10 +25,10 @@ from sklearn.base import BaseEstimator
 from torch import Tensor
 
 from .config import DataConfig, Settings, apply_overrides, preset
-from .data import ImageSet, as_images, load_image_folder, read_masks
+from .data import ImageSet, as_images, find_images, load_image_folder, read_masks
 from .features import FeatureSet, extract_features
 from .maps import PatchBank, image_scores, map_metrics, save_overlays
-from .models import Encoder
+from .models import Encoder, resolve_stem
 from .evaluation import evaluate_scorers
 from .losses import resolve_mode
 from .rundir import LOG, PATCHES, RESULTS, SCORES, load_extra, load_model_dir, read_log, save_model_dir, train_files
@@ -36,11 +36,33 @@ from .runner import final_scorers, prepare_data, train_encoder, validate
 from .scoring import apply_scorers, fit_scorers
 from .serialization import ModelFileError, atomic_write, write_json
 
-__all__ = ["FIRMDetector", "read_images", "score_to_csv", "evaluate_model", "write_results", "FOLDER_PREFIX"]
+__all__ = ["FIRMDetector", "read_images", "median_side", "score_to_csv", "evaluate_model", "write_results", "FOLDER_PREFIX"]
 
 FOLDER_PREFIX = "folder:"
 """``settings.data.dataset`` of a detector fitted on image files or arrays: ``folder:`` and the
 images' common folder (``folder:array`` for arrays)."""
+
+
+def median_side(X) -> int:
+    """Median shorter side, in pixels, of the images ``X`` as they are stored (any input that
+    :func:`read_images` takes); image files are measured from their headers, not decoded."""
+    if isinstance(X, ImageSet):
+        sides = [min(X.images.shape[-2:])] if len(X.images) else []
+    elif isinstance(X, (str, os.PathLike)) or (isinstance(X, (list, tuple)) and X and isinstance(X[0], (str, os.PathLike))):
+        from PIL import Image, UnidentifiedImageError
+        sides = []
+        for f in find_images(X):
+            try:
+                with Image.open(f) as im:
+                    sides.append(min(im.size))
+            except (UnidentifiedImageError, OSError, ValueError):
+                continue  # read_images reports unreadable files
+    else:
+        shape = np.shape(X)
+        # (N, H, W), (N, H, W, C) or (N, C, H, W) as as_images reads them
+        hw = shape[1:3] if len(shape) == 3 or shape[-1] in (1, 3, 4) else shape[2:4]
+        sides = [min(hw)] if len(hw) == 2 else []
+    return int(np.median(sides)) if sides else 0
 
 
 def read_images(X, size: int = 32, channels: int = 3, name: str = "images") -> tuple[Tensor, list[str]]:
@@ -64,7 +86,9 @@ class FIRMDetector(BaseEstimator):
     encoder, training, scoring and threshold settings; :meth:`from_preset` builds one from a preset
     and flat overrides, e.g. ``FIRMDetector.from_preset("detector", epochs=30, image_size=128)``.
     ``fit`` holds out ``holdout`` of the normal images and sets ``threshold_`` so that a
-    ``target_fpr`` share of them (or a ``contamination`` share) would be flagged.
+    ``target_fpr`` share of them (or a ``contamination`` share) would be flagged. With
+    ``large_image_size`` set (the ``detector`` preset: 128), normal images whose median shorter
+    side reaches it train at that size (``stem auto``: the ImageNet stem), others at ``image_size``.
 
     Fitted attributes: ``settings_`` (the settings really used, ``shifts auto`` resolved),
     ``encoder_``, ``bank_`` (training features at 4 rotations), ``patches_`` (the
@@ -101,6 +125,13 @@ class FIRMDetector(BaseEstimator):
         training log and checkpoints go there, and ``resume=True`` continues a killed fit."""
         s = self._resolved()
         m = s.model
+        notes = []
+        large = s.detector.large_image_size
+        if large and (side := median_side(X)) >= large:
+            m.image_size = large
+            notes.append(f"images of {side} px (median shorter side) >= large_image_size: trained at {large} px "
+                         f"with the {resolve_stem(m)} stem")
+            self._log(notes[-1])
         images, paths = read_images(X, m.image_size, m.in_channels, name="normal images")
         gen = torch.Generator().manual_seed(s.train.seed)
         order = torch.randperm(len(images), generator=gen)
@@ -120,7 +151,7 @@ class FIRMDetector(BaseEstimator):
         # evaluate, the report) takes the preset's dataset for the data the detector learned.
         source = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else "array"
         s.data = dataclasses.replace(s.data, dataset=f"{FOLDER_PREFIX}{source}", normal_class="0", train_images=None)
-        self.settings_, self.history_, self.notes_ = s, trained.history, trained.notes
+        self.settings_, self.history_, self.notes_ = s, trained.history, notes + trained.notes
         self.train_paths_ = [str(Path(paths[i]).resolve()) for i in train_idx.tolist()] if paths else []
         self._fit_scoring(trained.encoder, images[train_idx])  # features on the training device
         self.patches_ = (PatchBank(self.encoder_, max_bank=s.detector.patch_bank, seed=s.train.seed).fit(images[train_idx])

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The evidence grid at the cpu preset (docs/results/cifar10-seeds, cifar10-ladder, fashionmnist-seeds):
+#   1. CIFAR-10, all 10 classes x FIRM / NT-Xent / Rot-SupCon, seeds 0, 1, 2;
+#   2. the budget ladder: classes 0, 2, 6 x FIRM / NT-Xent x 10, 30, 100 epochs, seed 0;
+#   3. Fashion-MNIST, all 10 classes x FIRM / Rot-SupCon, seeds 0, 1, 2.
+# One seed at a time, so that a stopped grid leaves whole seeds behind for the paired statistics;
+# every bench resumes where it stopped. Finished concat runs of benchmarks/cpu_layouts.sh, and
+# the ladder's 10-epoch rung from the seed-0 grid (same settings, same run keys), are copied in
+# rather than run again. About 24 hours on a 2-core CPU.
+# Usage: benchmarks/cpu_evidence.sh DATA_ROOT [OUT_ROOT] [JOBS]
+set -euo pipefail
+data=${1:?usage: cpu_evidence.sh DATA_ROOT [OUT_ROOT] [JOBS]}
+out=${2:-runs}
+jobs=${3:-2}
+bench() { firm bench --data-root "$data" --preset cpu --jobs "$jobs" --threads 1 --quiet "$@"; }
+mkdir -p "$out/cifar10-seeds/runs"
+if [ -d "$out/cifar10-layouts/runs" ]; then
+  find "$out/cifar10-layouts/runs" -name 'cifar10-*-concat-e10-s0.json' -exec cp -n {} "$out/cifar10-seeds/runs/" \;
+fi
+for seed in 0 1 2; do
+  bench --dataset cifar10 --losses firm,ntxent,rotsupcon --seeds "$seed" --out "$out/cifar10-seeds"
+done
+mkdir -p "$out/cifar10-ladder/runs"
+for c in 0 2 6; do  # the 10-epoch rung is the seed-0 grid's run
+  for loss in firm ntxent; do
+    f="$out/cifar10-seeds/runs/cifar10-c$c-$loss-concat-e10-s0.json"
+    if [ -f "$f" ]; then cp -n "$f" "$out/cifar10-ladder/runs/"; fi
+  done
+done
+bench --dataset cifar10 --classes 0,2,6 --losses firm,ntxent --seeds 0 --epochs-ladder 10,30,100 \
+  --out "$out/cifar10-ladder"
+for seed in 0 1 2; do
+  bench --dataset fashionmnist --losses firm,rotsupcon --seeds "$seed" --out "$out/fashionmnist-seeds"
+done

@@ -1,0 +1,54 @@
+"""The detector's size choice: large normal images train at ``large_image_size`` with the
+ImageNet stem, small ones at ``image_size``, and an image size the user sets is kept."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from firm.cli import main
+from firm.config import apply_overrides, preset
+from firm.detector import FIRMDetector, median_side
+from firm.rundir import read_run_settings
+
+TINY = dict(epochs=1, batch_size=8, width=8, head_layers=1, head_hidden=32, patch_bank=64, holdout=0)
+
+
+def _images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+def test_median_side_reads_headers_arrays_and_layouts(tmp_path):
+    for i, (w, h) in enumerate([(300, 100), (200, 200), (60, 50)]):
+        Image.fromarray(_images(1, h, w, i)[0]).save(tmp_path / f"{i}.png")
+    assert median_side(tmp_path) == 100  # shorter sides 100, 200, 50
+    assert median_side(_images(3, 150, 200)) == 150  # (N, H, W, C)
+    assert median_side(np.zeros((3, 1, 90, 70))) == 70  # (N, C, H, W)
+    assert median_side(np.zeros((3, 28, 28))) == 28  # (N, H, W) grey
+
+
+@pytest.mark.parametrize("side, expected, stem", [(160, 128, "imagenet"), (40, 32, "cifar")])
+def test_detector_picks_the_size_from_the_images(side, expected, stem):
+    det = FIRMDetector.from_preset("detector", progress=False, seed=0, **TINY).fit(_images(12, side, side))
+    assert det.settings_.model.image_size == expected
+    assert det.encoder_.backbone.stem_kind == stem
+    assert det.decision_function(_images(3, side, side, seed=1)).shape == (3,)
+    assert any("large_image_size" in n for n in det.notes_) == (expected == 128)
+
+
+def test_an_explicit_image_size_is_kept():
+    assert apply_overrides(preset("detector"), {"image_size": 64}).detector.large_image_size == 0
+    both = apply_overrides(preset("detector"), {"image_size": 64, "large_image_size": 96})
+    assert (both.model.image_size, both.detector.large_image_size) == (64, 96)
+    det = FIRMDetector.from_preset("detector", progress=False, image_size=48, **TINY).fit(_images(12, 160, 160))
+    assert det.settings_.model.image_size == 48
+
+
+def test_fit_from_the_command_line_records_the_chosen_size(tmp_path, capsys):
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    for i, image in enumerate(_images(12, 144, 192)):
+        Image.fromarray(image).save(normal / f"{i}.png")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(["fit", "--normal-dir", str(normal), "--out", str(tmp_path / "model"), "--quiet", *flags]) == 0
+    assert "at 128 px" in capsys.readouterr().out
+    assert FIRMDetector.load(tmp_path / "model").image_size == 128
+    assert read_run_settings(tmp_path / "model")[0].detector.large_image_size == 128
