@@ -21,7 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "ImageSet", "DATASETS", "canonical_dataset",
-    "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images",
+    "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images", "as_nchw",
     "load_image_folder", "find_images", "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
 ]
 
@@ -80,13 +80,9 @@ def resize_images(images: Tensor, size: int, channels: int = 3) -> Tensor:
     return images.contiguous()
 
 
-def as_images(array, size: int = 32, channels: int = 3, name: str = "images") -> Tensor:
-    """An array or tensor of images in any common layout as uint8 ``(N, channels, size, size)``.
-
-    Accepts ``(N, H, W)`` grey, ``(N, H, W, C)`` or ``(N, C, H, W)`` with C in 1, 3 or 4 (alpha
-    dropped, with a warning); uint8, or floats in [0, 1]. Other sizes are resized. Anything that
-    cannot be converted without guessing is refused with a message naming ``name``.
-    """
+def as_nchw(array, name: str = "images") -> Tensor:
+    """An array or tensor of images ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` (C in 1, 3,
+    4) as a CPU tensor ``(N, C, H, W)``, values and size untouched; other shapes are refused."""
     x = torch.as_tensor(np.asarray(array) if not isinstance(array, Tensor) else array).detach().cpu()
     if x.ndim == 3:
         x = x.unsqueeze(1)
@@ -98,6 +94,17 @@ def as_images(array, size: int = 32, channels: int = 3, name: str = "images") ->
     if x.shape[1] not in (1, 3, 4):
         raise ValueError(f"{name}: {x.shape[1]} channels cannot be read as grey, RGB or RGBA (shape {tuple(x.shape)}); "
                          "pass images with 1, 3 or 4 channels")
+    return x
+
+
+def as_images(array, size: int = 32, channels: int = 3, name: str = "images") -> Tensor:
+    """An array or tensor of images in any common layout as uint8 ``(N, channels, size, size)``.
+
+    Accepts ``(N, H, W)`` grey, ``(N, H, W, C)`` or ``(N, C, H, W)`` with C in 1, 3 or 4 (alpha
+    dropped, with a warning); uint8, or floats in [0, 1]. Other sizes are resized. Anything that
+    cannot be converted without guessing is refused with a message naming ``name``.
+    """
+    x = as_nchw(array, name)
     if x.shape[1] == 4:
         warnings.warn(f"{name}: dropping the alpha channel of RGBA images", stacklevel=2)
         x = x[:, :3]

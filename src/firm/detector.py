@@ -25,7 +25,7 @@ from sklearn.base import BaseEstimator
 from torch import Tensor
 
 from .config import DataConfig, Settings, apply_overrides, preset
-from .data import ImageSet, as_images, find_images, load_image_folder, read_masks
+from .data import ImageSet, as_images, as_nchw, find_images, load_image_folder, read_masks
 from .features import FeatureSet, extract_features
 from .maps import PatchBank, image_scores, map_metrics, save_overlays
 from .models import Encoder, resolve_stem
@@ -43,25 +43,25 @@ FOLDER_PREFIX = "folder:"
 images' common folder (``folder:array`` for arrays)."""
 
 
-def median_side(X) -> int:
+def _is_paths(X) -> bool:
+    """Whether ``X`` names image files or folders (one path or a list of them) rather than arrays."""
+    path = (str, os.PathLike)
+    return isinstance(X, path) or (isinstance(X, (list, tuple)) and bool(X) and isinstance(X[0], path))
+
+
+def median_side(X, name: str = "images") -> int:
     """Median shorter side, in pixels, of the images ``X`` as they are stored (any input that
     :func:`read_images` takes); image files are measured from their headers, not decoded."""
-    if isinstance(X, ImageSet):
-        sides = [min(X.images.shape[-2:])] if len(X.images) else []
-    elif isinstance(X, (str, os.PathLike)) or (isinstance(X, (list, tuple)) and X and isinstance(X[0], (str, os.PathLike))):
-        from PIL import Image, UnidentifiedImageError
-        sides = []
-        for f in find_images(X):
-            try:
-                with Image.open(f) as im:
-                    sides.append(min(im.size))
-            except (UnidentifiedImageError, OSError, ValueError):
-                continue  # read_images reports unreadable files
-    else:
-        shape = np.shape(X)
-        # (N, H, W), (N, H, W, C) or (N, C, H, W) as as_images reads them
-        hw = shape[1:3] if len(shape) == 3 or shape[-1] in (1, 3, 4) else shape[2:4]
-        sides = [min(hw)] if len(hw) == 2 else []
+    if not _is_paths(X):
+        return int(min(as_nchw(X.images if isinstance(X, ImageSet) else X, name).shape[-2:]))
+    from PIL import Image, UnidentifiedImageError
+    sides = []
+    for f in find_images(X):
+        try:
+            with Image.open(f) as im:
+                sides.append(min(im.size))
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue  # read_images reports unreadable files
     return int(np.median(sides)) if sides else 0
 
 
@@ -70,7 +70,7 @@ def read_images(X, size: int = 32, channels: int = 3, name: str = "images") -> t
     folder, an image file, a list of those, an :class:`ImageSet`, or an array / tensor."""
     if isinstance(X, ImageSet):
         return as_images(X.images, size, channels, name), list(X.paths)
-    if isinstance(X, (str, os.PathLike)) or (isinstance(X, (list, tuple)) and X and isinstance(X[0], (str, os.PathLike))):
+    if _is_paths(X):
         found = load_image_folder(X, size, channels, name=name)
         return found.images, found.paths
     return as_images(X, size, channels, name), []
@@ -127,7 +127,7 @@ class FIRMDetector(BaseEstimator):
         m = s.model
         notes = []
         large = s.detector.large_image_size
-        if large and (side := median_side(X)) >= large:
+        if large and (side := median_side(X, "normal images")) >= large:
             m.image_size = large
             notes.append(f"images of {side} px (median shorter side) >= large_image_size: trained at {large} px "
                          f"with the {resolve_stem(m)} stem")
