@@ -14,20 +14,15 @@ data=${1:?usage: cpu_evidence.sh DATA_ROOT [OUT_ROOT] [JOBS]}
 out=${2:-runs}
 jobs=${3:-2}
 bench() { firm bench --data-root "$data" --preset cpu --jobs "$jobs" --threads 1 --quiet "$@"; }
-mkdir -p "$out/cifar10-seeds/runs"
-if [ -d "$out/cifar10-layouts/runs" ]; then
-  find "$out/cifar10-layouts/runs" -name 'cifar10-*-concat-e10-s0.json' -exec cp -n {} "$out/cifar10-seeds/runs/" \;
-fi
+reuse() {  # reuse DEST FILE...: copy the finished runs that exist into DEST/runs (never over a run there)
+  local dest=$1/runs; shift; mkdir -p "$dest"
+  for f in "$@"; do if [ -f "$f" ]; then cp -n "$f" "$dest/"; fi; done
+}
+reuse "$out/cifar10-seeds" "$out"/cifar10-layouts/runs/cifar10-*-concat-e10-s0.json
 for seed in 0 1 2; do
   bench --dataset cifar10 --losses firm,ntxent,rotsupcon --seeds "$seed" --out "$out/cifar10-seeds"
 done
-mkdir -p "$out/cifar10-ladder/runs"
-for c in 0 2 6; do  # the 10-epoch rung is the seed-0 grid's run
-  for loss in firm ntxent; do
-    f="$out/cifar10-seeds/runs/cifar10-c$c-$loss-concat-e10-s0.json"
-    if [ -f "$f" ]; then cp -n "$f" "$out/cifar10-ladder/runs/"; fi
-  done
-done
+reuse "$out/cifar10-ladder" "$out"/cifar10-seeds/runs/cifar10-c{0,2,6}-{firm,ntxent}-concat-e10-s0.json  # the 10-epoch rung
 bench --dataset cifar10 --classes 0,2,6 --losses firm,ntxent --seeds 0 --epochs-ladder 10,30,100 \
   --out "$out/cifar10-ladder"
 for seed in 0 1 2; do

@@ -342,11 +342,11 @@ def dump_yaml(settings: Settings) -> str:
     return yaml.safe_dump(plain(settings.to_dict()), sort_keys=False)
 
 
-def _preset(model: dict | None = None, train: dict | None = None, eval: dict | None = None,
-            data: dict | None = None, detector: dict | None = None) -> Settings:
+def _preset(**groups: dict) -> Settings:
+    """The defaults with ``{group: {field: value}}`` changes; the groups are those of :data:`GROUPS`."""
     s = Settings()
-    for group, values in (("model", model), ("train", train), ("eval", eval), ("data", data), ("detector", detector)):
-        for k, v in (values or {}).items():
+    for group, values in groups.items():
+        for k, v in values.items():
             setattr(getattr(s, group), k, v)
     return s
 
