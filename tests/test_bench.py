@@ -159,5 +159,9 @@ def test_bench_from_the_command_line(tmp_path, capsys):
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["digits-c2-firm-concat-e1-s0.json", "digits-c2-ntxent-concat-e1-s0.json"]
     assert (tmp_path / "report.md").exists() and "report written to" in capsys.readouterr().out
+    assert "Command: `firm bench --dataset Digits --classes 2" in (tmp_path / "report.md").read_text()
     assert main(argv) == 0  # a rerun skips the finished runs
     assert "skip digits-c2-firm-concat-e1-s0 (done)" in capsys.readouterr().out
+    # a rebuilt report names the command that rebuilt it, not a grid command that never ran
+    assert main(argv + ["--report-only"]) == 0
+    assert "--quiet --report-only`" in (tmp_path / "report.md").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import fields
@@ -413,8 +414,7 @@ def cmd_bench(args, settings: Settings) -> None:
     out = Path(args.out)
     if not args.report_only:
         run_grid(specs, settings, out, args.preset, jobs=args.jobs, threads=args.threads, progress=_progress(args))
-    command = "firm " + " ".join(a for a in sys.argv[1:] if a != "--report-only") if sys.argv else ""
-    print(f"report written to {write_report(out, command=command)}")
+    print(f"report written to {write_report(out, command=args.command_line)}")
 
 
 def cmd_speed(args) -> None:
@@ -501,7 +501,9 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, settings = _parse(parser, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, settings = _parse(parser, argv)
+    args.command_line = shlex.join(["firm", *argv])  # what a report names as the command that wrote it
     if not args.command:
         parser.print_help()
         return 2

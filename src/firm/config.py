@@ -342,15 +342,6 @@ def dump_yaml(settings: Settings) -> str:
     return yaml.safe_dump(plain(settings.to_dict()), sort_keys=False)
 
 
-def _preset(**groups: dict) -> Settings:
-    """The defaults with ``{group: {field: value}}`` changes; the groups are those of :data:`GROUPS`."""
-    s = Settings()
-    for group, values in groups.items():
-        for k, v in values.items():
-            setattr(getattr(s, group), k, v)
-    return s
-
-
 # The presets. ``paper`` is the dataclass defaults: the authors' experiment. ``cpu`` was chosen
 # on validation splits of the CIFAR-10 training set (docs/results/cpu_preset_tuning.md). The
 # detector's preset trains in minutes on a CPU; ``demo`` is the digits demo.
@@ -362,18 +353,20 @@ def _preset(**groups: dict) -> Settings:
 # detector and demo keep PyTorch's 30 % warm-up, which no validation run has tested for them.
 _SMALL = dict(width=16, head_hidden=512, head_layers=2, bn_momentum=0.1, init="pytorch")
 _SMALL_EVAL = dict(center_crop=1.0, ensemble_crop_scale=(0.5, 1.0), ensemble_shared_crops=False, ocsvm_nu=0.1)
-PRESETS: dict[str, Settings] = {
-    "paper": _preset(),
-    "cpu": _preset(model=_SMALL, train=dict(epochs=10, batch_size=64, lr=0.02, warmup=0.01, loss_mode="concat",
-                                            eval_every=1, checkpoint_every=0),
-                   eval=dict(_SMALL_EVAL, final_tta=["none", "angled"]), data=dict(train_images=2000)),
-    "detector": _preset(model=dict(_SMALL, stem="auto"), train=dict(epochs=30, batch_size=64, lr=0.02, warmup=0.3,
-                                                                    loss_mode="concat", eval_every=0),
-                        eval=dict(_SMALL_EVAL, final_tta=["none"]), detector=dict(large_image_size=128)),
-    "demo": _preset(model=_SMALL, train=dict(epochs=8, batch_size=64, lr=0.02, warmup=0.3, loss_mode="concat",
-                                             eval_every=0, checkpoint_every=0),
-                    eval=dict(_SMALL_EVAL, scorers=["cos1"], final_tta=["none"]), data=dict(dataset="digits")),
+# Each preset as its changes to the defaults, by settings group (as in run.json).
+_PRESET_CHANGES: dict[str, dict[str, dict]] = {
+    "paper": {},
+    "cpu": dict(model=_SMALL, train=dict(epochs=10, batch_size=64, lr=0.02, warmup=0.01, loss_mode="concat",
+                                         eval_every=1, checkpoint_every=0),
+                eval=dict(_SMALL_EVAL, final_tta=["none", "angled"]), data=dict(train_images=2000)),
+    "detector": dict(model=dict(_SMALL, stem="auto"), train=dict(epochs=30, batch_size=64, lr=0.02, warmup=0.3,
+                                                                 loss_mode="concat", eval_every=0),
+                     eval=dict(_SMALL_EVAL, final_tta=["none"]), detector=dict(large_image_size=128)),
+    "demo": dict(model=_SMALL, train=dict(epochs=8, batch_size=64, lr=0.02, warmup=0.3, loss_mode="concat",
+                                          eval_every=0, checkpoint_every=0),
+                 eval=dict(_SMALL_EVAL, scorers=["cos1"], final_tta=["none"]), data=dict(dataset="digits")),
 }
+PRESETS: dict[str, Settings] = {name: settings_from_dict(changes) for name, changes in _PRESET_CHANGES.items()}
 
 
 def preset(name: str) -> Settings:
