@@ -7,7 +7,7 @@
 # every bench resumes where it stopped. Finished concat runs of benchmarks/cpu_layouts.sh, and
 # the ladder's 10-epoch rung from the seed-0 grid (same settings, same run keys), are copied in
 # rather than run again. About 220 ten-epoch run-equivalents (84 + 78 for the ladder + 60), at about
-# 29 min each with one thread, two at a time: about 2.5 days on a 2-core CPU (measured 2026-11-29).
+# 29 min each with one thread, two at a time: about 2.2 days on a 2-core CPU (measured 2026-11-29).
 # Usage: benchmarks/cpu_evidence.sh DATA_ROOT [OUT_ROOT] [JOBS]
 set -euo pipefail
 data=${1:?usage: cpu_evidence.sh DATA_ROOT [OUT_ROOT] [JOBS]}

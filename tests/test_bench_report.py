@@ -201,3 +201,14 @@ def test_budget_ladder(tmp_path):
     # Rot-SupCon ends 1 point above FIRM on seed 0, level on seed 1: FIRM never reaches its final
     # on the two seed-0 cells
     assert rows[8, "rotsupcon"]["speedup_censored"] == 2
+
+
+def test_machine_line_gives_total_mean_and_range_of_run_times(tmp_path):
+    e = [0, 2, 4, 6, 8]
+    runs = [run_result(c, "firm", 0, e, [0.5, 0.6, 0.7, 0.75, 0.8]) for c in range(4)]
+    for (_, result), seconds in zip(runs, (60.0, 120.0, 180.0, None)):
+        result["total_seconds"] = seconds
+    write_runs(tmp_path, runs)
+    # 6 min in all over the 3 timed runs: 0.10 h, 2.0 min per run, from 1 to 3 min
+    assert "Runs: 4, total wall time 0.10 h (2.0 min per run, 1.0-3.0, 3 of the runs timed)." in \
+        write_report(tmp_path).read_text()

@@ -580,6 +580,16 @@ def _presets(runs: list[dict]) -> list[str]:
     return [f"Presets ({len(counts)}):", ""] + [f"- `{p}` ({n} runs)" for p, n in counts.items()] + [""]
 
 
+def _wall_time(runs: list[dict]) -> str:
+    """Total, mean and range of the runs' wall times, the figures a results README quotes."""
+    minutes = [r["total_seconds"] / 60 for r in runs if r.get("total_seconds") is not None]
+    if not minutes:
+        return "run times not recorded"
+    timed = f", {len(minutes)} of the runs timed" if len(minutes) < len(runs) else ""
+    return (f"total wall time {sum(minutes) / 60:.2f} h ({sum(minutes) / len(minutes):.1f} min per run, "
+            f"{min(minutes):.1f}-{max(minutes):.1f}{timed})")
+
+
 def write_report(out_dir: str | Path, command: str = "") -> Path:
     """Write ``results.json`` (``records``, ``comparisons``, ``per_class``, ``ladder``),
     ``report.md``, ``curves.png``, ``curves_per_class.png`` and, with several budgets,
@@ -597,10 +607,7 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     md = ["# firm bench report", ""]
     if command:
         md += [f"Command: `{command}`", ""]
-    timed = [r["total_seconds"] for r in runs if r.get("total_seconds") is not None]
-    wall = (f"total wall time {sum(timed) / 3600:.2f} h ({sum(timed) / len(timed) / 60:.1f} min per run"
-            + (f", {len(timed)} of the runs timed)" if len(timed) < len(runs) else ")") if timed else "run times not recorded")
-    md += [f"Machine: {_machines(runs)}. Runs: {len(runs)}, {wall}.", ""]
+    md += [f"Machine: {_machines(runs)}. Runs: {len(runs)}, {_wall_time(runs)}.", ""]
     md += _presets(runs)
     modes = defaultdict(set)
     for r in records:
