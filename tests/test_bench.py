@@ -94,6 +94,12 @@ def test_interrupted_bench_completes_the_rest_without_redoing(tmp_path, monkeypa
     calls.clear()
     assert len(run_grid(specs, settings, tmp_path, progress=False, log=lambda *_: None)) == len(specs) and calls == []
 
+    # a record whose data lay elsewhere (as committed, data root DATA) or that checkpointed is the same cell
+    record["settings"]["data"]["data_root"] = "DATA"
+    record["settings"]["train"]["checkpoint_every"] = 5
+    stored.write_text(json.dumps(record))
+    assert len(run_grid(specs, settings, tmp_path, progress=False, log=lambda *_: None)) == len(specs) and calls == []
+
 
 def test_shards_partition_the_grid():
     base = preset("cpu")

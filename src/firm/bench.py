@@ -135,16 +135,29 @@ def _summary(result: dict) -> str:
             + f" ({result['total_seconds']:.0f} s)")
 
 
+# Where the data lay and how often the run checkpointed say nothing about what a run computed, so
+# records committed with a placeholder data root (docs/results/*/runs) resume a grid on another machine.
+_BOOKKEEPING = (("data", "data_root"), ("train", "checkpoint_every"))
+
+
+def _experiment(settings: dict) -> dict:
+    """``settings.to_dict()`` as plain JSON values, without the bookkeeping fields."""
+    plain = json.loads(json.dumps(settings))
+    for section, field in _BOOKKEEPING:
+        plain[section].pop(field, None)
+    return plain
+
+
 def _same_settings(stored: dict | None, settings: Settings) -> bool:
-    """Whether a finished run's stored settings are ``settings``. A field added to the settings
-    after the run was made counts as its default value, which is what the run used then."""
+    """Whether a finished run's stored settings are ``settings``, bookkeeping aside. A field added
+    to the settings after the run was made counts as its default value, which is what the run used then."""
     if not isinstance(stored, dict):
         return False
     try:
         stored = settings_from_dict(stored).to_dict()
     except (SettingsError, TypeError, ValueError):  # a field that no longer exists
         return False
-    return json.loads(json.dumps(stored)) == json.loads(json.dumps(settings.to_dict()))
+    return _experiment(stored) == _experiment(settings.to_dict())
 
 
 def run_grid(specs: list[RunSpec], base: Settings, out_dir: str | Path, preset_name: str = "", jobs: int = 1,
