@@ -10,8 +10,8 @@
 # benchmarks/cpu_layouts.sh, and the ladder's 10-epoch rung from the seed-0 grid (same settings,
 # same run keys) are copied in rather than run again. About 220 ten-epoch run-equivalents
 # (84 + 60 + 78 for the ladder), at about 29 min each with one thread, two at a time: about
-# 2.2 days on a 2-core CPU (measured 2026-11-29). The 100-epoch cells (about 5 h each) checkpoint
-# every 5 epochs and continue from there when the bench is rerun on the same OUT_ROOT.
+# 2.2 days on a 2-core CPU (measured 2026-11-29). The ladder's cells (a 100-epoch one takes about
+# 5 h) checkpoint every 5 epochs and continue from there when the bench is rerun on the same OUT_ROOT.
 # Usage, from the repository root: benchmarks/cpu_evidence.sh DATA_ROOT [OUT_ROOT] [JOBS]
 set -euo pipefail
 data=${1:?usage: cpu_evidence.sh DATA_ROOT [OUT_ROOT] [JOBS]}
