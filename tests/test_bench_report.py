@@ -212,3 +212,18 @@ def test_machine_line_gives_total_mean_and_range_of_run_times(tmp_path):
     # 6 min in all over the 3 timed runs: 0.10 h, 2.0 min per run, from 1 to 3 min
     assert "Runs: 4, total wall time 0.10 h (2.0 min per run, 1.0-3.0, 3 of the runs timed)." in \
         write_report(tmp_path).read_text()
+
+
+def test_budget_ladder_shows_only_the_paper_claims_for_losses_that_ran(tmp_path):
+    results = []
+    for budget, epochs in ((4, [0, 2, 4]), (8, [0, 4, 8])):
+        for (cls, seed), v in FIRM.items():
+            results.append(run_result(cls, "firm", seed, *curve(v, epochs[1], epochs), budget=budget, new=True))
+            results.append(run_result(cls, "ntxent", seed, *curve(v - 0.02, epochs[-1], epochs), budget=budget,
+                                      new=True))
+    write_runs(tmp_path, results)
+    text = write_report(tmp_path).read_text()
+    assert "| cifar10 (paper) | 2,000 | firm | ntxent |" in text
+    assert "| cifar10 (paper) | 2,000 | firm | rotsupcon |" not in text
+    paper = read_results(tmp_path / "results.json")["ladder"]["paper"]  # what ladder.png draws as stars
+    assert paper["gain_points"] == {"ntxent": 6.2} and set(paper["speedup"]) == {"ntxent"}
