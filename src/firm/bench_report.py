@@ -263,15 +263,11 @@ def _ladder_pairs(stats: dict) -> list[tuple[dict, dict]]:
 
 
 def _paper_claims(others: set[str]) -> dict:
-    """PAPER_LADDER narrowed to the losses FIRM is compared with here, so that the table and the plot
-    never show a claim against a loss the grid did not run."""
+    """PAPER_LADDER narrowed to the losses FIRM is compared with here, so that the ladder's table and
+    plot (both read it from the ladder JSON) never show a claim against a loss the grid did not run."""
     keep = [o for o in PAPER_LADDER["gain_points"] if o in others]
     return {**PAPER_LADDER, "gain_points": {o: PAPER_LADDER["gain_points"][o] for o in keep},
             "speedup": {o: PAPER_LADDER["speedup"][o] for o in keep}}
-
-
-def _compared_losses(stats: dict) -> set[str]:
-    return {c["other"].partition("/")[0] for g in stats["groups"] for c in g["comparisons"]}
 
 
 def _ladder_json(stats: dict) -> dict | None:
@@ -285,7 +281,8 @@ def _ladder_json(stats: dict) -> dict | None:
                      "other": c["other"], "auroc_gain": c["result"].to_dict(),
                      "log_speedup": speed["result"].to_dict() if speed else None,
                      "speedup_censored": speed["censored"] if speed else None})
-    return {"budgets": budgets, "rows": rows, "paper": _paper_claims(_compared_losses(stats))}
+    others = {c["other"].partition("/")[0] for g in stats["groups"] for c in g["comparisons"]}
+    return {"budgets": budgets, "rows": rows, "paper": _paper_claims(others)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,11 +436,11 @@ def _dataset_section(group: dict, records: list[dict], several_budgets: bool) ->
     return md
 
 
-def _ladder_section(stats: dict) -> list[str]:
+def _ladder_section(stats: dict, paper: dict) -> list[str]:
     md = ["## Budget ladder: FIRM's gain and speed-up against the training budget", "",
           "Each budget is its own set of runs (same classes and seeds); gains and speed-ups pair cells within a "
           "budget. `ladder.png` plots the AUROC gain (95 % interval) and the speed-up against the budget, with the "
-          f"paper's CIFAR-10 claims at {PAPER_LADDER['budget']:,} epochs beside them: whether the trend reaches them "
+          f"paper's CIFAR-10 claims at {paper['budget']:,} epochs beside them: whether the trend reaches them "
           "is an extrapolation for the reader to judge.", ""]
 
     def order(gc):
@@ -459,7 +456,6 @@ def _ladder_section(stats: dict) -> list[str]:
         rows.append([f"{g['dataset']} ({g['eval_set']})", str(g["budget"]), c["method"], c["other"],
                      f"{r.n_pairs} ({r.n_classes})", f"{_points(r.mean)} {_ci_cell(r, _points)}",
                      _verdict(r, "zero"), speed_cell])
-    paper = _paper_claims(_compared_losses(stats))
     for other, gain in paper["gain_points"].items():
         rows.append([f"{paper['dataset']} (paper)", f"{paper['budget']:,}", "firm", other,
                      f"10 classes x {paper['seeds']} seeds", f"{gain:+.1f}", "(as reported)",
@@ -628,7 +624,7 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     md += [f"Methods: {', '.join(named)} (a method is the loss, plus its layout where runs of one loss use several).",
            "", NO_MODELS_FROM_TEST, "", f"> {PAPER_CLAIMS}", ""]
     if ladder:
-        md += _ladder_section(stats)
+        md += _ladder_section(stats, ladder["paper"])
         _plot_ladder(ladder, out / "ladder.png")
     elif (out / "ladder.png").exists():  # from an earlier report of this folder; one budget now
         (out / "ladder.png").unlink()
