@@ -1,5 +1,6 @@
 """Bad model files and bad input: each gets a clear error (or warning) and nothing written is lost."""
 import json
+import time
 import warnings
 
 import numpy as np
@@ -199,6 +200,27 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                     files=train_files(tmp_path), progress=False)
     with pytest.raises(ModelFileError, match="another model"):
         other.train(resume=True)
+
+
+def test_a_resumed_run_counts_the_time_spent_before_it_was_stopped(tmp_path):
+    images = torch.randint(0, 255, (20, 3, 32, 32), dtype=torch.uint8)
+    cfg = TrainConfig(epochs=3, batch_size=16, device="cpu", channels_last=False, checkpoint_every=1, eval_every=1)
+
+    def slow_then_stopped(model, epoch):
+        if epoch == 1:
+            time.sleep(1.0)  # the slow part happens before the stop
+        if epoch == 2:
+            raise KeyboardInterrupt  # after epoch 1's checkpoint, before epoch 2's
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(Encoder(TINY), cfg, images, files=train_files(tmp_path), evaluate=slow_then_stopped,
+                progress=False).train()
+    resumed = Trainer(Encoder(TINY), cfg, images, files=train_files(tmp_path), progress=False)
+    resumed.train(resume=True)
+    assert resumed.seconds_before_resume >= 1.0
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+    assert resumed.seconds >= resumed.seconds_before_resume + sum(r["seconds"] for r in resumed.history[2:])
 
 
 def test_save_tensors_is_atomic_on_failure(tmp_path):

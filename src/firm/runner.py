@@ -124,12 +124,14 @@ def prepare_data(settings: Settings, cache: DataCache | None = None) -> RunData:
 
 @dataclass
 class TrainedEncoder:
-    """An encoder after training, the train settings it really ran with and its epoch log."""
+    """An encoder after training, the train settings it really ran with and its epoch log.
+    ``seconds_before_resume``: the wall time its epochs took before a resume (0 if none)."""
 
     encoder: Encoder
     train: TrainConfig
     history: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seconds_before_resume: float = 0.0
 
 
 def train_encoder(settings: Settings, images: Tensor, class_labels: Tensor | None = None,
@@ -153,7 +155,7 @@ def train_encoder(settings: Settings, images: Tensor, class_labels: Tensor | Non
     trainer = Trainer(encoder, train, images, class_labels, auxiliary=auxiliary, files=files, evaluate=curve,
                       progress=progress)
     trainer.train(resume=resume)
-    return TrainedEncoder(trainer.model, train, trainer.history, notes)
+    return TrainedEncoder(trainer.model, train, trainer.history, notes, trainer.seconds_before_resume)
 
 
 @dataclass
@@ -192,6 +194,8 @@ def run(settings: Settings, cache: DataCache | None = None, files: TrainFiles | 
 
     trained = train_encoder(settings, data.normal.images, data.class_labels, data.auxiliary, files, resume,
                             curve if scored else None, progress, log)
+    # A resumed run's clock started in this process: add the time its checkpoint saved for the earlier epochs.
+    start -= trained.seconds_before_resume
     train_seconds = time.perf_counter() - start
     # The learning curve is read back from the epoch log, so a resumed run keeps its early points.
     records = [{**base, "eval_set": name, "scorer": "cos1", "tta": "none", "epoch": h["epoch"], "final": False,

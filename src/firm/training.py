@@ -185,6 +185,10 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.host_generator = torch.Generator()
         self.epoch = 0
+        # Wall time of the epochs trained so far (curve evaluations included), summed over every
+        # resume, so that a run stopped and continued still reports what it cost.
+        self.seconds = 0.0
+        self.seconds_before_resume = 0.0
         self.history: list[dict] = []
         self.amp_dtype = torch.bfloat16 if config.amp else None
 
@@ -272,6 +276,7 @@ class Trainer:
                 self.model.train()
             epochs.set_postfix(loss=f"{mean_loss:.4f}")
             self._log(record)
+            self.seconds += time.perf_counter() - start
             due_ckpt = cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0
             if due_ckpt or self.epoch == cfg.epochs:
                 self.save_checkpoint()
@@ -295,7 +300,8 @@ class Trainer:
         optim = self.optimizer.state_dict()
         for index, state in optim["state"].items():
             tensors.update({f"optim.{index}.{name}": v for name, v in state.items() if isinstance(v, Tensor)})
-        meta = {"epoch": self.epoch, "scheduler": self.scheduler.state_dict(), "param_groups": optim["param_groups"],
+        meta = {"epoch": self.epoch, "seconds": self.seconds, "scheduler": self.scheduler.state_dict(),
+                "param_groups": optim["param_groups"],
                 "train": self.config.to_dict(), "model": self.model.config.to_dict()}
         save_tensors(self.files.checkpoint, tensors, meta)
 
@@ -320,6 +326,8 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.scheduler.load_state_dict(meta["scheduler"])
         self.epoch = int(meta["epoch"])
+        # Checkpoints written before firm recorded the time carry none: their earlier epochs count as 0 s.
+        self.seconds = self.seconds_before_resume = float(meta.get("seconds", 0.0))
         if self.rank == 0:
             log = self.files.log
             kept = [line for line in (log.read_text().splitlines() if log.exists() else [])
