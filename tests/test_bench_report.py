@@ -186,7 +186,7 @@ def test_budget_ladder(tmp_path):
     assert "| toy (test) | 4 | firm | ntxent | 4 (2) | +2.50 [" in text
     assert "| toy (test) | 8 | firm | ntxent | 4 (2) | +5.50 [" in text
     # the paper's claims beside them
-    assert "| cifar10 (paper) | 2,000 | firm | ntxent | 10 classes x 5 seeds | +6.2 | (as reported) | about 12x |" in text
+    assert "| cifar10 (paper) | 2,000 | firm | ntxent | 10 classes x 5 seeds | +6.2 | (as reported) | - | about 12x |" in text
     assert "| cifar10 (paper) | 2,000 | firm | rotsupcon |" in text and "7x faster than Rot-SupCon" in text
     png = tmp_path / "ladder.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -195,6 +195,12 @@ def test_budget_ladder(tmp_path):
     rows = {(r["budget"], r["other"]): r for r in ladder["rows"]}
     assert set(rows) == {(4, "ntxent"), (4, "rotsupcon"), (8, "ntxent"), (8, "rotsupcon")}
     assert rows[8, "ntxent"]["auroc_gain"]["mean"] == pytest.approx(0.055)
+    # the gap over NT-Xent grew by 3 points in every cell from budget 4 to 8; over Rot-SupCon it stayed
+    grew, same = rows[8, "ntxent"]["gain_change"], rows[8, "rotsupcon"]["gain_change"]
+    assert grew["from_budget"] == 4 and grew["mean"] == pytest.approx(0.03) and (grew["wins"], grew["losses"]) == (4, 0)
+    assert same["mean"] == pytest.approx(0.0, abs=1e-9) and same["ties"] == 4
+    assert rows[4, "ntxent"]["gain_change"] is None
+    assert "| toy (test) | 8 | firm | ntxent | 4 (2) | +5.50 [" in text and "4 / 0 / 0 (from 4) |" in text
     # speed-up over NT-Xent at budget 8: NT-Xent reaches its final at 8, FIRM passes it at 2 or
     # earlier (FIRM is above it from epoch 2 on) -> at least 4x
     assert math.exp(rows[8, "ntxent"]["log_speedup"]["mean"]) >= 4 - 1e-9
@@ -212,6 +218,20 @@ def test_machine_line_gives_total_mean_and_range_of_run_times(tmp_path):
     # 6 min in all over the 3 timed runs: 0.10 h, 2.0 min per run, from 1 to 3 min
     assert "Runs: 4, total wall time 0.10 h (2.0 min per run, 1.0-3.0, 3 of the runs timed)." in \
         write_report(tmp_path).read_text()
+
+
+def test_change_in_gain_pairs_only_cells_that_ran_both_methods_at_both_budgets(tmp_path):
+    results = []
+    for budget, epochs, gains in ((4, [0, 2, 4], {0: 0.01, 1: 0.03}), (8, [0, 4, 8], {0: 0.02, 2: 0.09})):
+        for cls, gain in gains.items():
+            results.append(run_result(cls, "firm", 0, *curve(0.8, epochs[1], epochs), budget=budget, new=True))
+            results.append(run_result(cls, "ntxent", 0, *curve(0.8 - gain, epochs[-1], epochs), budget=budget,
+                                      new=True))
+    write_runs(tmp_path, results)
+    write_report(tmp_path)
+    change = read_results(tmp_path / "results.json")["ladder"]["rows"][-1]["gain_change"]
+    # only class 0 ran at both budgets: its gain went from 1 to 2 points
+    assert change["n_pairs"] == 1 and change["mean"] == pytest.approx(0.01)
 
 
 def test_budget_ladder_shows_only_the_paper_claims_for_losses_that_ran(tmp_path):

@@ -28,7 +28,7 @@ from .data import CLASS_NAMES
 from .evaluation import aulc, epochs_to_reach
 from .rundir import BENCH_REPORT, BENCH_RUNS, RESULTS
 from .serialization import atomic_write, read_json, write_json
-from .stats import PairedResult, compare, per_class_summary
+from .stats import PairedResult, compare, compare_differences, per_class_summary
 
 __all__ = ["final_aurocs", "learning_curves", "convergence", "method_labels", "load_runs", "speedup_log_ratios",
            "bench_statistics", "read_results", "write_report", "PAPER_CLAIMS", "PAPER_LADDER"]
@@ -230,7 +230,7 @@ def bench_statistics(records: list[dict]) -> dict:
                     if logs:
                         comps.append({**entry, "metric": "log_speedup", "result": compare(logs, {c: 0.0 for c in logs}),
                                       "censored": censored, "undefined": undefined})
-            groups.append(dict(dataset=dataset, eval_set=eval_set, budget=budget, methods=present,
+            groups.append(dict(dataset=dataset, eval_set=eval_set, budget=budget, methods=present, auroc=auroc,
                                per_class={m: per_class_summary(auroc[m]) for m in present}, comparisons=comps,
                                aulc={m: list(area[m].values()) for m in present}))
     return {"methods": methods, "groups": groups}
@@ -270,6 +270,23 @@ def _paper_claims(others: set[str]) -> dict:
             "speedup": {o: PAPER_LADDER["speedup"][o] for o in keep}}
 
 
+def _gain_change(stats: dict, group: dict, method: str, other: str) -> tuple[int, PairedResult] | None:
+    """How the AUROC gain of ``method`` over ``other`` moved from the smallest budget at which both ran
+    to ``group``'s budget: (that budget, the paired statistics of each (class, seed) cell's gain here
+    minus its gain there). It answers "does the gap grow" on the same cells, which the per-budget
+    intervals cannot: they may hold different cells, and they ignore that a class is easy at every budget."""
+    base = min((g for g in stats["groups"] if g["budget"] is not None
+                and (g["dataset"], g["eval_set"]) == (group["dataset"], group["eval_set"])
+                and {method, other} <= g["auroc"].keys()), key=lambda g: g["budget"])
+    if base is group:
+        return None
+    now, then = group["auroc"], base["auroc"]
+    cells = now[method].keys() & now[other].keys() & then[method].keys() & then[other].keys()
+    diffs = {c: (now[method][c] - now[other][c]) - (then[method][c] - then[other][c]) for c in cells}
+    diffs = {c: d for c, d in diffs.items() if math.isfinite(d)}
+    return (base["budget"], compare_differences(diffs)) if diffs else None
+
+
 def _ladder_json(stats: dict) -> dict | None:
     budgets = [b for b in _budget_groups([{"budget": g["budget"]} for g in stats["groups"]]) if b is not None]
     if len(budgets) < 2:
@@ -277,8 +294,10 @@ def _ladder_json(stats: dict) -> dict | None:
     rows = []
     for g, c in _ladder_pairs(stats):
         speed = _find(g, c["method"], c["other"], "log_speedup")
+        change = _gain_change(stats, g, c["method"], c["other"])
         rows.append({"dataset": g["dataset"], "eval_set": g["eval_set"], "budget": g["budget"], "method": c["method"],
                      "other": c["other"], "auroc_gain": c["result"].to_dict(),
+                     "gain_change": {"from_budget": change[0], **change[1].to_dict()} if change else None,
                      "log_speedup": speed["result"].to_dict() if speed else None,
                      "speedup_censored": speed["censored"] if speed else None})
     others = {c["other"].partition("/")[0] for g in stats["groups"] for c in g["comparisons"]}
@@ -439,7 +458,11 @@ def _dataset_section(group: dict, records: list[dict], several_budgets: bool) ->
 def _ladder_section(stats: dict, paper: dict) -> list[str]:
     md = ["## Budget ladder: FIRM's gain and speed-up against the training budget", "",
           "Each budget is its own set of runs (same classes and seeds); gains and speed-ups pair cells within a "
-          "budget. `ladder.png` plots the AUROC gain (95 % interval) and the speed-up against the budget, with the "
+          "budget. Whether the gap grows is the *change in gain*: each (class, seed) cell's gain at this budget "
+          "minus its gain at the smallest budget, over the cells that ran both methods at both budgets, with the "
+          "same interval and Wilcoxon p as the gain (with few classes a percentile bootstrap interval is too narrow "
+          "and the p-value has a floor, so read both together). `ladder.png` plots the AUROC gain (95 % interval) and "
+          "the speed-up against the budget, with the "
           f"paper's CIFAR-10 claims at {paper['budget']:,} epochs beside them: whether the trend reaches them "
           "is an extrapolation for the reader to judge.", ""]
 
@@ -447,22 +470,27 @@ def _ladder_section(stats: dict, paper: dict) -> list[str]:
         g, c = gc
         return g["dataset"], g["eval_set"], c["method"], c["other"], g["budget"]
 
-    rows = []
+    rows, floored = [], False
     for g, c in sorted(_ladder_pairs(stats), key=order):
         r = c["result"]
         speed = _find(g, c["method"], c["other"], "log_speedup")
         speed_cell = (f"{_factor(speed['result'].mean)} {_ci_cell(speed['result'], _factor)}"
                       + (f", {speed['censored']} censored" if speed["censored"] else "")) if speed else "-"
+        change = _gain_change(stats, g, c["method"], c["other"])
+        floored = floored or bool(change and change[1].p_value is not None and change[1].p_note)
+        change_cell = (f"{_points(change[1].mean)} {_ci_cell(change[1], _points)}, p {_p_cell(change[1])}, "
+                       f"{change[1].wins} / {change[1].ties} / {change[1].losses} (from {change[0]})") if change else "-"
         rows.append([f"{g['dataset']} ({g['eval_set']})", str(g["budget"]), c["method"], c["other"],
                      f"{r.n_pairs} ({r.n_classes})", f"{_points(r.mean)} {_ci_cell(r, _points)}",
-                     _verdict(r, "zero"), speed_cell])
+                     _verdict(r, "zero"), change_cell, speed_cell])
     for other, gain in paper["gain_points"].items():
         rows.append([f"{paper['dataset']} (paper)", f"{paper['budget']:,}", "firm", other,
-                     f"10 classes x {paper['seeds']} seeds", f"{gain:+.1f}", "(as reported)",
+                     f"10 classes x {paper['seeds']} seeds", f"{gain:+.1f}", "(as reported)", "-",
                      f"about {paper['speedup'][other]:.0f}x"])
     md += [_table(["dataset", "budget (epochs)", "FIRM", "vs", "pairs (classes)", "AUROC gain, points [95 % CI]",
-                   "verdict", "speed-up [95 % CI]"], rows), ""]
-    return md
+                   "verdict", "change in gain [95 % CI], Wilcoxon p, grew / same / shrank", "speed-up [95 % CI]"],
+                  rows), ""]
+    return md + ([P_FLOOR_NOTE, ""] if floored else [])
 
 
 def _save(fig, path: Path) -> None:
