@@ -270,31 +270,42 @@ def _paper_claims(others: set[str]) -> dict:
             "speedup": {o: PAPER_LADDER["speedup"][o] for o in keep}}
 
 
-def _gain_change(stats: dict, group: dict, method: str, other: str) -> tuple[int, PairedResult] | None:
-    """How the AUROC gain of ``method`` over ``other`` moved from the smallest budget at which both ran
-    to ``group``'s budget: (that budget, the paired statistics of each (class, seed) cell's gain here
-    minus its gain there). It answers "does the gap grow" on the same cells, which the per-budget
-    intervals cannot: they may hold different cells, and they ignore that a class is easy at every budget."""
-    base = min((g for g in stats["groups"] if g["budget"] is not None
-                and (g["dataset"], g["eval_set"]) == (group["dataset"], group["eval_set"])
-                and {method, other} <= g["auroc"].keys()), key=lambda g: g["budget"])
-    if base is group:
-        return None
-    now, then = group["auroc"], base["auroc"]
-    cells = now[method].keys() & now[other].keys() & then[method].keys() & then[other].keys()
-    diffs = {c: (now[method][c] - now[other][c]) - (then[method][c] - then[other][c]) for c in cells}
-    diffs = {c: d for c, d in diffs.items() if math.isfinite(d)}
-    return (base["budget"], compare_differences(diffs)) if diffs else None
+def _gain_changes(stats: dict) -> dict[tuple, tuple[int, PairedResult]]:
+    """How the AUROC gain of each ladder comparison moved from the smallest budget at which both
+    methods ran, keyed by (dataset, eval_set, budget, method, other): (that budget, the paired
+    statistics of each (class, seed) cell's gain here minus its gain there). It answers "does the gap
+    grow" on the same cells, which the per-budget intervals cannot: they may hold different cells, and
+    they ignore that a class is easy at every budget."""
+    out = {}
+    for group, c in _ladder_pairs(stats):
+        method, other = c["method"], c["other"]
+        base = min((g for g in stats["groups"] if g["budget"] is not None
+                    and (g["dataset"], g["eval_set"]) == (group["dataset"], group["eval_set"])
+                    and {method, other} <= g["auroc"].keys()), key=lambda g: g["budget"])
+        if base is group:
+            continue
+        now, then = group["auroc"], base["auroc"]
+        cells = now[method].keys() & now[other].keys() & then[method].keys() & then[other].keys()
+        diffs = {cell: (now[method][cell] - now[other][cell]) - (then[method][cell] - then[other][cell])
+                 for cell in cells}
+        diffs = {cell: d for cell, d in diffs.items() if math.isfinite(d)}
+        if diffs:
+            out[_change_key(group, c)] = (base["budget"], compare_differences(diffs))
+    return out
 
 
-def _ladder_json(stats: dict) -> dict | None:
+def _change_key(group: dict, comparison: dict) -> tuple:
+    return group["dataset"], group["eval_set"], group["budget"], comparison["method"], comparison["other"]
+
+
+def _ladder_json(stats: dict, changes: dict[tuple, tuple[int, PairedResult]]) -> dict | None:
     budgets = [b for b in _budget_groups([{"budget": g["budget"]} for g in stats["groups"]]) if b is not None]
     if len(budgets) < 2:
         return None
     rows = []
     for g, c in _ladder_pairs(stats):
         speed = _find(g, c["method"], c["other"], "log_speedup")
-        change = _gain_change(stats, g, c["method"], c["other"])
+        change = changes.get(_change_key(g, c))
         rows.append({"dataset": g["dataset"], "eval_set": g["eval_set"], "budget": g["budget"], "method": c["method"],
                      "other": c["other"], "auroc_gain": c["result"].to_dict(),
                      "gain_change": {"from_budget": change[0], **change[1].to_dict()} if change else None,
@@ -336,10 +347,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _at_p_floor(r: PairedResult) -> bool:
+    """Whether the p-value is shown with † (too few pairs for it to reach 0.05; see P_FLOOR_NOTE)."""
+    return r.p_value is not None and bool(r.p_note)
+
+
 def _p_cell(r: PairedResult) -> str:
     if r.p_value is None:
         return f"- ({r.p_note})"
-    return f"{r.p_value:.3g}" + ("†" if r.p_note else "")
+    return f"{r.p_value:.3g}" + ("†" if _at_p_floor(r) else "")
 
 
 P_FLOOR_NOTE = ("† Too few pairs for the test to reach p < 0.05 at all: with n non-tied pairs the smallest two-sided "
@@ -368,7 +384,7 @@ def _comparison_table(comps: list[dict], fmt, null: str, value_header: str, spee
         if speed:
             row.append(f"{c['censored']} of {r.n_pairs + c['undefined']}")
         rows.append(row)
-    floor = [P_FLOOR_NOTE] if any(c["result"].p_value is not None and c["result"].p_note for c in comps) else []
+    floor = [P_FLOOR_NOTE] if any(_at_p_floor(c["result"]) for c in comps) else []
     return "\n\n".join([_table(header, rows)] + floor)
 
 
@@ -455,7 +471,7 @@ def _dataset_section(group: dict, records: list[dict], several_budgets: bool) ->
     return md
 
 
-def _ladder_section(stats: dict, paper: dict) -> list[str]:
+def _ladder_section(stats: dict, paper: dict, changes: dict[tuple, tuple[int, PairedResult]]) -> list[str]:
     md = ["## Budget ladder: FIRM's gain and speed-up against the training budget", "",
           "Each budget is its own set of runs (same classes and seeds); gains and speed-ups pair cells within a "
           "budget. Whether the gap grows is the *change in gain*: each (class, seed) cell's gain at this budget "
@@ -476,8 +492,8 @@ def _ladder_section(stats: dict, paper: dict) -> list[str]:
         speed = _find(g, c["method"], c["other"], "log_speedup")
         speed_cell = (f"{_factor(speed['result'].mean)} {_ci_cell(speed['result'], _factor)}"
                       + (f", {speed['censored']} censored" if speed["censored"] else "")) if speed else "-"
-        change = _gain_change(stats, g, c["method"], c["other"])
-        floored = floored or bool(change and change[1].p_value is not None and change[1].p_note)
+        change = changes.get(_change_key(g, c))
+        floored = floored or bool(change and _at_p_floor(change[1]))
         change_cell = (f"{_points(change[1].mean)} {_ci_cell(change[1], _points)}, p {_p_cell(change[1])}, "
                        f"{change[1].wins} / {change[1].ties} / {change[1].losses} (from {change[0]})") if change else "-"
         rows.append([f"{g['dataset']} ({g['eval_set']})", str(g["budget"]), c["method"], c["other"],
@@ -637,7 +653,8 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
         atomic_write(out / BENCH_REPORT, "# firm bench\n\nNo finished runs yet.\n")
         return out / BENCH_REPORT
     stats = bench_statistics(records)
-    ladder = _ladder_json(stats)
+    changes = _gain_changes(stats)
+    ladder = _ladder_json(stats, changes)
     write_json(out / RESULTS, _clean({"records": records, "methods": stats["methods"], **_statistics_json(stats),
                                              "ladder": ladder}))
     md = ["# firm bench report", ""]
@@ -652,7 +669,7 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     md += [f"Methods: {', '.join(named)} (a method is the loss, plus its layout where runs of one loss use several).",
            "", NO_MODELS_FROM_TEST, "", f"> {PAPER_CLAIMS}", ""]
     if ladder:
-        md += _ladder_section(stats, ladder["paper"])
+        md += _ladder_section(stats, ladder["paper"], changes)
         _plot_ladder(ladder, out / "ladder.png")
     elif (out / "ladder.png").exists():  # from an earlier report of this folder; one budget now
         (out / "ladder.png").unlink()
