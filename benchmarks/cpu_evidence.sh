@@ -11,7 +11,7 @@
 # same run keys) are copied in rather than run again. Measured on the 2-core AMD EPYC VM, one torch
 # thread per run, two runs at a time (run time summed over runs, see each folder's README): CIFAR-10
 # 40.5 h (27 min per 10-epoch run), Fashion-MNIST 14.05 h (14 min per run), the ladder's 30-epoch
-# runs about 40 min each and its 100-epoch runs about 2.2 h each (about 79 s per epoch, evaluation
+# runs about 40 min each and its 100-epoch runs 2.18-2.27 h each (about 80 s per epoch, evaluation
 # included): about 72 h of run time in all, about 36 h of wall time two at a time. The ladder's
 # cells checkpoint every 5 epochs and continue from there when the bench is rerun on the same OUT_ROOT.
 # Usage, from the repository root: benchmarks/cpu_evidence.sh DATA_ROOT [OUT_ROOT] [JOBS]
