@@ -13,6 +13,7 @@ from firm.maps import (
     MAPS_INDEX,
     PatchBank,
     gaussian_blur,
+    image_scores,
     greedy_coreset,
     map_metrics,
     nearest_distance,
@@ -74,7 +75,7 @@ def test_map_shape_and_alignment(seed):
     inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     inside[SQUARE] = True
     assert defect[inside].mean() > 2 * defect[~inside].mean()
-    assert bank.score(with_square(grey(1)))[0] > 10 * normal.max()  # the normal image matches the bank
+    assert image_scores(bank.anomaly_maps(with_square(grey(1))))[0] > 10 * normal.max()  # the normal image matches the bank
 
 
 def test_patch_features_layout(encoder):
@@ -292,12 +293,11 @@ def test_report_shows_anomaly_maps(fitted, tmp_path):
 def test_patch_bank_file_round_trip(fitted, encoder, tmp_path):
     """A fitted PatchBank saved as the detector saves it (patches.safetensors) and read back
     gives the same maps."""
-    from firm.detector import _patch_bank_from, _patch_bank_tensors
     from firm.serialization import load_tensors, save_tensors
 
-    sha = save_tensors(tmp_path / "patches.safetensors", *_patch_bank_tensors(fitted))
+    sha = save_tensors(tmp_path / "patches.safetensors", *fitted.to_tensors())
     tensors, meta = load_tensors(tmp_path / "patches.safetensors", "patch bank", sha)
-    back = _patch_bank_from(encoder, tensors, meta, tmp_path / "patches.safetensors")
+    back = PatchBank.from_tensors(encoder, tensors, meta, "patches.safetensors")
     assert (back.stages, back.max_bank, back.sigma, back.grid_, back.n_patches_) == \
         (fitted.stages, fitted.max_bank, fitted.sigma, fitted.grid_, fitted.n_patches_)
     images = with_square(grey(2))

@@ -11,7 +11,8 @@ import pytest
 from firm.cli import main
 from firm.config import apply_overrides
 from firm.data import load_dataset
-from firm.detector import FIRMDetector, evaluate_model
+from firm.detector import FIRMDetector
+from firm.inference import evaluate_model
 from firm.export import (
     BANK_NPY,
     DEPLOY_FILE,

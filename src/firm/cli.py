@@ -9,6 +9,7 @@ option of the subcommand), then from the flags given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -327,12 +328,25 @@ def _check_resume_flags(args, saved: Settings) -> None:
                          "or start a new run folder")
 
 
+@contextlib.contextmanager
+def _discarded_if_unstarted(args, out: Path, new_folder: bool):
+    """A new run that fails before its first epoch (no readable image, say) leaves nothing
+    behind (nor the folder, when ``new_folder``), so that the same command can be run again."""
+    try:
+        yield
+    except Exception:
+        if not args.resume and _rank() == 0:
+            from .rundir import discard_unstarted
+            discard_unstarted(out, remove_folder=new_folder)
+        raise
+
+
 def cmd_train(args, settings: Settings) -> None:
     from .detector import FIRMDetector
     from .rundir import prepare_output, read_run_settings, train_files, write_run_settings
     from .runner import run, validate
     if args.resume:
-        out = prepare_output(args.resume, resume=True, flag="--resume")
+        out, new_folder = prepare_output(args.resume, resume=True, flag="--resume"), False
         settings, _ = read_run_settings(out)
         _check_resume_flags(args, settings)
         validate(settings)  # a run.json edited by hand is checked before anything is trained
@@ -345,11 +359,13 @@ def cmd_train(args, settings: Settings) -> None:
                 print("note: --preset paper is the authors' 2,000-epoch width-64 run; on a CPU it takes days "
                       "(use --preset cpu for minutes)", file=sys.stderr)
         # Under torchrun only rank 0 writes; the other ranks would find its files and refuse the folder.
+        new_folder = not Path(args.out).exists()
         out = prepare_output(args.out, overwrite=args.overwrite) if _rank() == 0 else Path(args.out)
         if _rank() == 0:
             write_run_settings(out, settings)
-    outcome = run(settings, files=train_files(out), resume=bool(args.resume), final_eval=False,
-                  progress=_progress(args))
+    with _discarded_if_unstarted(args, out, new_folder):
+        outcome = run(settings, files=train_files(out), resume=bool(args.resume), final_eval=False,
+                      progress=_progress(args))
     if _rank() == 0:
         settings.train = outcome.trained.train
         FIRMDetector.from_encoder(outcome.trained.encoder, outcome.data.normal.images, settings,
@@ -358,7 +374,7 @@ def cmd_train(args, settings: Settings) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .detector import evaluate_model
+    from .inference import evaluate_model
     records = evaluate_model(args.run_dir, args.model, args.normal_dir, args.anomaly_dir, args.data_root,
                              [s.strip() for s in (args.ood or "").split(",") if s.strip()], args.scorers, args.tta,
                              args.out, progress=_progress(args), mask_dir=args.mask_dir)
@@ -431,7 +447,7 @@ def cmd_fit(args, settings: Settings) -> None:
     from .detector import FIRMDetector
     from .rundir import prepare_output, read_run_settings, write_run_settings
     if args.resume:
-        out = prepare_output(args.resume, resume=True, flag="--resume")
+        out, new_folder = prepare_output(args.resume, resume=True, flag="--resume"), False
         settings, extra = read_run_settings(out)
         _check_resume_flags(args, settings)
         FIRMDetector(settings)._resolved()  # a run.json edited by hand is checked before anything is read
@@ -439,6 +455,7 @@ def cmd_fit(args, settings: Settings) -> None:
     else:
         _require(args, "normal_dir", "out")
         FIRMDetector(settings)._resolved()  # refuse bad settings before anything is read or written
+        new_folder = not Path(args.out).exists()
         out = prepare_output(args.out, overwrite=args.overwrite) if _rank() == 0 else Path(args.out)
         # absolute, so that --resume works from any working directory
         normal_dirs = [str(Path(p).resolve()) for p in args.normal_dir]
@@ -446,7 +463,8 @@ def cmd_fit(args, settings: Settings) -> None:
         if _rank() == 0:
             write_run_settings(out, settings, {"normal_dir": normal_dirs, "outlier_dir": outlier_dir})
     det = FIRMDetector(settings, progress=_progress(args))
-    det.fit(normal_dirs, outliers=outlier_dir, run_dir=out, resume=bool(args.resume))
+    with _discarded_if_unstarted(args, out, new_folder):
+        det.fit(normal_dirs, outliers=outlier_dir, run_dir=out, resume=bool(args.resume))
     if _rank() != 0:
         return
     det.save(out)
@@ -458,7 +476,8 @@ def cmd_fit(args, settings: Settings) -> None:
 
 
 def cmd_score(args) -> None:
-    from .detector import FIRMDetector, score_to_csv
+    from .detector import FIRMDetector
+    from .inference import score_to_csv
     from .rundir import check_output_file, prepare_output
     _require(args, "model", "inputs")
     out = check_output_file(args.out)

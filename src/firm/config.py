@@ -129,7 +129,7 @@ class TrainConfig(_Group):
     amp: bool = False
     """bf16 autocast (the authors trained in float32)"""
     channels_last: bool = True
-    """channels-last memory layout (speed only)"""
+    """channels-last memory layout on GPUs (speed only; never on CPUs, where PyTorch's channels-last convolution backward can crash)"""
     compile: bool = False
     """torch.compile the encoder"""
     sync_bn: bool = False

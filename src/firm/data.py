@@ -22,7 +22,8 @@ from torch import Tensor
 __all__ = [
     "ImageSet", "DATASETS", "canonical_dataset",
     "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images", "as_nchw",
-    "load_image_folder", "find_images", "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
+    "load_image_folder", "find_images", "image_shape", "is_paths", "image_sides", "median_side", "read_images",
+    "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
 ]
 
 DATA_ROOT_ENV = "FIRM_DATA_ROOT"
@@ -60,18 +61,28 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes, self.name, paths)
 
 
-def resize_images(images: Tensor, size: int, channels: int = 3) -> Tensor:
-    """uint8 ``(N, C, H, W)`` to ``(N, channels, size, size)``: antialiased bilinear resize
-    (aspect ratio is not kept, so no part of the image is cut off); grey is replicated to RGB."""
+def image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a size given as one side (square) or as ``(height, width)``."""
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be a positive number of pixels, got {size}")
+    return h, w
+
+
+def resize_images(images: Tensor, size: int | tuple[int, int], channels: int = 3) -> Tensor:
+    """uint8 ``(N, C, H, W)`` to ``(N, channels, height, width)`` (``size``: one side, or
+    ``(height, width)``): antialiased bilinear resize to exactly that shape, so no part of the
+    image is cut off; grey is replicated to RGB."""
     c = images.shape[1]
     if c not in (1, 3) or channels not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels, got {c} (model expects {channels})")
-    if images.shape[-2:] != (size, size):
+    shape = image_shape(size)
+    if tuple(images.shape[-2:]) != shape:
         out = []
         for chunk in images.split(4096):
-            x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(chunk.float(), size=shape, mode="bilinear", antialias=True, align_corners=False)
             out.append(x.round().clamp(0, 255).to(torch.uint8))
-        images = torch.cat(out) if out else images.new_zeros(0, c, size, size)
+        images = torch.cat(out) if out else images.new_zeros(0, c, *shape)
     if c == 1 and channels == 3:
         images = images.expand(-1, 3, -1, -1)
     elif c == 3 and channels == 1:
@@ -97,8 +108,9 @@ def as_nchw(array, name: str = "images") -> Tensor:
     return x
 
 
-def as_images(array, size: int = 32, channels: int = 3, name: str = "images") -> Tensor:
-    """An array or tensor of images in any common layout as uint8 ``(N, channels, size, size)``.
+def as_images(array, size: int | tuple[int, int] = 32, channels: int = 3, name: str = "images") -> Tensor:
+    """An array or tensor of images in any common layout as uint8 ``(N, channels, height, width)``
+    (``size``: one side, or ``(height, width)``).
 
     Accepts ``(N, H, W)`` grey, ``(N, H, W, C)`` or ``(N, C, H, W)`` with C in 1, 3 or 4 (alpha
     dropped, with a warning); uint8, or floats in [0, 1]. Other sizes are resized. Anything that
@@ -319,7 +331,8 @@ def find_images(paths: list[str | os.PathLike] | str | os.PathLike) -> list[Path
     return found
 
 
-def load_image_folder(paths, size: int = 32, channels: int = 3, label: int = 0, name: str = "") -> ImageSet:
+def load_image_folder(paths, size: int | tuple[int, int] = 32, channels: int = 3, label: int = 0,
+                      name: str = "") -> ImageSet:
     """Read image files (folders are searched recursively) into an :class:`ImageSet`.
 
     Any size, aspect, grey or colour; files that cannot be decoded are skipped and listed in one
@@ -327,20 +340,19 @@ def load_image_folder(paths, size: int = 32, channels: int = 3, label: int = 0, 
     """
     from PIL import Image, UnidentifiedImageError
 
-    if size < 1:
-        raise ValueError(f"image size must be a positive number of pixels, got {size}")
+    height, width = image_shape(size)
     files = find_images(paths)
     images, kept, bad = [], [], []
     for f in files:
         try:
             with Image.open(f) as im:
                 im = im.convert("RGB" if channels == 3 else "L")
-                im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+                im = im.resize((width, height), Image.BILINEAR, reducing_gap=None)
                 arr = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             bad.append(f"{f} ({type(e).__name__})")
             continue
-        images.append(arr.reshape(size, size, channels))
+        images.append(arr.reshape(height, width, channels))
         kept.append(str(f))
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(files)}: " + "; ".join(bad[:20])
@@ -349,6 +361,47 @@ def load_image_folder(paths, size: int = 32, channels: int = 3, label: int = 0, 
         raise ValueError(f"none of the {len(files)} file(s) in {paths} could be read as an image")
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(tensor, torch.full((len(kept),), label, dtype=torch.long), [name or "images"], name, kept)
+
+
+def is_paths(X) -> bool:
+    """Whether ``X`` names image files or folders (one path or a list of them) rather than arrays."""
+    path = (str, os.PathLike)
+    return isinstance(X, path) or (isinstance(X, (list, tuple)) and bool(X) and isinstance(X[0], path))
+
+
+def image_sides(X, name: str = "images") -> list[tuple[int, int]]:
+    """``(height, width)`` of each image ``X`` as stored (any input :func:`read_images` takes);
+    files are measured from their headers, not decoded, and unreadable ones are left out
+    (:func:`read_images` reports them)."""
+    if not is_paths(X):
+        h, w = as_nchw(X.images if isinstance(X, ImageSet) else X, name).shape[-2:]
+        return [(int(h), int(w))]
+    from PIL import Image, UnidentifiedImageError
+    sides = []
+    for f in find_images(X):
+        try:
+            with Image.open(f) as im:
+                sides.append((im.size[1], im.size[0]))
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue
+    return sides
+
+
+def median_side(X, name: str = "images") -> int:
+    """Median shorter side, in pixels, of the images ``X`` as they are stored (0 if none is readable)."""
+    sides = [min(s) for s in image_sides(X, name)]
+    return int(np.median(sides)) if sides else 0
+
+
+def read_images(X, size: int | tuple[int, int] = 32, channels: int = 3, name: str = "images") -> tuple[Tensor, list[str]]:
+    """uint8 images ``(N, channels, height, width)`` and their paths (empty for arrays) from a
+    folder, an image file, a list of those, an :class:`ImageSet`, or an array / tensor."""
+    if isinstance(X, ImageSet):
+        return as_images(X.images, size, channels, name), list(X.paths)
+    if is_paths(X):
+        found = load_image_folder(X, size, channels, name=name)
+        return found.images, found.paths
+    return as_images(X, size, channels, name), []
 
 
 def subsample(images: ImageSet, count: int | None, seed: int = 0) -> ImageSet:
@@ -406,8 +459,8 @@ def _mask_candidates(mask_dir: Path, image: Path) -> list[Path]:
     return []
 
 
-def _read_mask(path: Path, image: Path, size: int) -> np.ndarray:
-    """Mask file as 0/1 uint8 ``(size, size)``: non-zero pixels are defect; resized as the image is
+def _read_mask(path: Path, image: Path, size: int | tuple[int, int]) -> np.ndarray:
+    """Mask file as 0/1 uint8 ``(height, width)``: non-zero pixels are defect; resized as the image is
     (bilinear, antialiased) and thresholded at half, so a thin defect keeps about its area."""
     from PIL import Image
 
@@ -420,13 +473,14 @@ def _read_mask(path: Path, image: Path, size: int) -> np.ndarray:
             raise ValueError(f"mask {path} is {m.shape[1]} x {m.shape[0]} px but its image {image} is {iw} x {ih}: "
                              "the shapes differ, so the mask cannot be aligned with the image")
     t = torch.from_numpy(m.astype(np.float32))[None, None]
-    t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    t = F.interpolate(t, size=image_shape(size), mode="bilinear", antialias=True, align_corners=False)
     return (t[0, 0] >= 0.5).numpy().astype(np.uint8)
 
 
-def read_masks(paths: list[str | os.PathLike], mask_dir: str | os.PathLike, size: int,
+def read_masks(paths: list[str | os.PathLike], mask_dir: str | os.PathLike, size: int | tuple[int, int],
                is_anomaly: Tensor | np.ndarray | list[int] | None = None) -> Tensor:
-    """Ground-truth masks of the images at ``paths``, as uint8 ``(N, size, size)`` holding 0 / 1.
+    """Ground-truth masks of the images at ``paths``, as uint8 ``(N, height, width)`` holding 0 / 1
+    (``size``: one side, or ``(height, width)``).
 
     A mask is matched to an image by name: ``mask_dir/<image's folder>/<stem>_mask.png`` (the
     MVTec AD layout, ground_truth/<defect>/000_mask.png for test/<defect>/000.png), else
@@ -441,7 +495,7 @@ def read_masks(paths: list[str | os.PathLike], mask_dir: str | os.PathLike, size
     labels = None if is_anomaly is None else [int(v) for v in np.asarray(is_anomaly).ravel()]
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} images")
-    out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    out = np.zeros((len(paths), *image_shape(size)), dtype=np.uint8)
     matched = 0
     for i, p in enumerate(map(Path, paths)):
         found = _mask_candidates(mask_dir, p)
@@ -460,7 +514,7 @@ def read_masks(paths: list[str | os.PathLike], mask_dir: str | os.PathLike, size
     return torch.from_numpy(out)
 
 
-def load_defect_dataset(root: str | os.PathLike, size: int = 256,
+def load_defect_dataset(root: str | os.PathLike, size: int | tuple[int, int] = 256,
                         channels: int = 3) -> tuple[ImageSet, ImageSet, Tensor, Tensor | None]:
     """A folder in the MVTec AD layout: ``train/good/``, ``test/good/``, ``test/<defect>/`` and,
     optionally, ``ground_truth/<defect>/<stem>_mask.png``.

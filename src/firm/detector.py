@@ -25,55 +25,20 @@ from sklearn.base import BaseEstimator
 from torch import Tensor
 
 from .config import DataConfig, Settings, apply_overrides, preset
-from .data import ImageSet, as_images, as_nchw, find_images, load_image_folder, read_masks
+from .data import median_side, read_images
 from .features import FeatureSet, extract_features
-from .maps import PatchBank, image_scores, map_metrics, save_overlays
+from .maps import PatchBank
 from .models import Encoder, resolve_stem
-from .evaluation import evaluate_scorers
-from .losses import resolve_mode
-from .rundir import LOG, PATCHES, RESULTS, SCORES, load_extra, load_model_dir, read_log, save_model_dir, train_files
-from .runner import final_scorers, prepare_data, train_encoder, validate
+from .rundir import LOG, PATCHES, load_extra, load_model_dir, read_log, save_model_dir, train_files
+from .runner import train_encoder, validate
 from .scoring import apply_scorers, fit_scorers
-from .serialization import ModelFileError, atomic_write, write_json
+from .serialization import ModelFileError, atomic_write
 
-__all__ = ["FIRMDetector", "read_images", "median_side", "score_to_csv", "evaluate_model", "write_results", "FOLDER_PREFIX"]
+__all__ = ["FIRMDetector", "FOLDER_PREFIX"]
 
 FOLDER_PREFIX = "folder:"
 """``settings.data.dataset`` of a detector fitted on image files or arrays: ``folder:`` and the
 images' common folder (``folder:array`` for arrays)."""
-
-
-def _is_paths(X) -> bool:
-    """Whether ``X`` names image files or folders (one path or a list of them) rather than arrays."""
-    path = (str, os.PathLike)
-    return isinstance(X, path) or (isinstance(X, (list, tuple)) and bool(X) and isinstance(X[0], path))
-
-
-def median_side(X, name: str = "images") -> int:
-    """Median shorter side, in pixels, of the images ``X`` as they are stored (any input that
-    :func:`read_images` takes); image files are measured from their headers, not decoded."""
-    if not _is_paths(X):
-        return int(min(as_nchw(X.images if isinstance(X, ImageSet) else X, name).shape[-2:]))
-    from PIL import Image, UnidentifiedImageError
-    sides = []
-    for f in find_images(X):
-        try:
-            with Image.open(f) as im:
-                sides.append(min(im.size))
-        except (UnidentifiedImageError, OSError, ValueError):
-            continue  # read_images reports unreadable files
-    return int(np.median(sides)) if sides else 0
-
-
-def read_images(X, size: int = 32, channels: int = 3, name: str = "images") -> tuple[Tensor, list[str]]:
-    """uint8 images ``(N, channels, size, size)`` and their paths (empty for arrays) from a
-    folder, an image file, a list of those, an :class:`ImageSet`, or an array / tensor."""
-    if isinstance(X, ImageSet):
-        return as_images(X.images, size, channels, name), list(X.paths)
-    if _is_paths(X):
-        found = load_image_folder(X, size, channels, name=name)
-        return found.images, found.paths
-    return as_images(X, size, channels, name), []
 
 
 class FIRMDetector(BaseEstimator):
@@ -261,7 +226,7 @@ class FIRMDetector(BaseEstimator):
         directory.mkdir(parents=True, exist_ok=True)
         if self.history_ and not (directory / LOG).exists():
             atomic_write(directory / LOG, "".join(json.dumps(r) + "\n" for r in self.history_))
-        extra = {PATCHES: _patch_bank_tensors(self.patches_)} if getattr(self, "patches_", None) is not None else None
+        extra = {PATCHES: self.patches_.to_tensors()} if getattr(self, "patches_", None) is not None else None
         return save_model_dir(directory, self.encoder_, self.settings_, state, self.bank_.features, extra)
 
     @classmethod
@@ -281,138 +246,8 @@ class FIRMDetector(BaseEstimator):
         det.history_ = read_log(directory)
         det._fit_scorers()
         saved = load_extra(directory, PATCHES, "patch bank")
-        det.patches_ = None if saved is None else _patch_bank_from(encoder, *saved, Path(directory) / PATCHES)
+        try:
+            det.patches_ = None if saved is None else PatchBank.from_tensors(encoder, *saved, str(Path(directory) / PATCHES))
+        except ValueError as e:
+            raise ModelFileError(str(e)) from e
         return det
-
-
-_PATCH_PARAMS = ("stages", "coreset", "max_bank", "projection_dim", "sigma", "max_grid", "batch_size", "seed")
-
-
-def _patch_bank_tensors(patches: PatchBank) -> tuple[dict[str, Tensor], dict]:
-    """The tensors and header metadata of ``patches.safetensors``."""
-    params = {k: getattr(patches, k) for k in _PATCH_PARAMS}
-    params["stages"] = list(params["stages"])
-    return ({"bank": patches.bank_.float(), "stage_scales": patches.stage_scales_.float()},
-            {"params": params, "n_patches": int(patches.n_patches_), "grid": list(patches.grid_)})
-
-
-def _patch_bank_from(encoder: Encoder, tensors: dict[str, Tensor], meta: dict, path: Path) -> PatchBank:
-    """A fitted :class:`PatchBank` on ``encoder`` from what :func:`_patch_bank_tensors` saved."""
-    try:
-        patches = PatchBank(encoder, **{k: meta["params"][k] for k in _PATCH_PARAMS})
-        patches.bank_, patches.stage_scales_ = tensors["bank"], tensors["stage_scales"]
-        patches.n_patches_, patches.grid_ = int(meta["n_patches"]), tuple(meta["grid"])
-        dims = list(encoder.map_dims(patches.stages))
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise ModelFileError(f"patch bank {path} lacks its tensors or parameters ({e}); refit the detector") from e
-    if patches.bank_.ndim != 2 or patches.bank_.shape[1] != sum(dims) or len(patches.stage_scales_) != len(dims):
-        raise ModelFileError(f"patch bank {path} has features of shape {tuple(patches.bank_.shape)}, the encoder's "
-                             f"stages {list(patches.stages)} give {sum(dims)} dimensions; refit the detector")
-    return patches
-
-
-def score_to_csv(det: FIRMDetector, inputs, out: str | os.PathLike, maps_dir: str | os.PathLike | None = None
-                 ) -> list[dict]:
-    """Score image files or folders; write a CSV ranked by anomaly score (``rank, path, score,
-    flagged``: ``flagged`` is the prediction, score above the threshold, not a ground truth) and
-    return its rows. Paths are absolute, so the CSV can be read from any working directory.
-    With ``maps_dir``, also write each image's anomaly-map overlay and ``index.csv`` there
-    (:func:`firm.maps.save_overlays`)."""
-    import csv
-    import io
-    if maps_dir is not None:
-        det.check_maps()  # before any image is read
-    found = load_image_folder(inputs, det.image_size, det.settings_.model.in_channels, name="images to score")
-    scores = det.decision_function(found.images)
-    flags = scores > det.threshold_ if det.threshold_ is not None else np.zeros(len(scores), dtype=bool)
-    order = np.argsort(-scores, kind="stable")
-    rows = [{"rank": r + 1, "path": str(Path(found.paths[i]).resolve()), "score": float(scores[i]),
-             "flagged": int(flags[i])} for r, i in enumerate(order)]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["rank", "path", "score", "flagged"])
-    writer.writeheader()
-    writer.writerows({**r, "score": f"{r['score']:.6g}"} for r in rows)
-    atomic_write(out, buf.getvalue())
-    if maps_dir is not None:
-        save_overlays(found.images, torch.from_numpy(det.anomaly_maps(found.images)), found.paths, maps_dir)
-    return rows
-
-
-def write_results(out_dir: Path, records: list[dict], scores: dict[tuple[str, str], Tensor], rows: list[dict]) -> None:
-    """``results.json`` (the records) and ``scores.csv`` (one row per image: its identity, the
-    ground truth ``is_anomaly`` and one column per scorer and ensemble), both written atomically."""
-    import csv
-    import io
-    write_json(out_dir / RESULTS, records)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(list(rows[0]) + [f"{s}:{t}" for s, t in scores])
-    values = [scores[k].tolist() for k in scores]
-    for i, row in enumerate(rows):
-        writer.writerow(list(row.values()) + [f"{v[i]:.6g}" for v in values])
-    atomic_write(out_dir / SCORES, buf.getvalue())
-
-
-def evaluate_model(run_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
-                   normal_dirs=None, anomaly_dirs=None, data_root: str | None = None, ood: list[str] = (),
-                   scorers: list[str] = ("all",), tta: list[str] = ("none",), out_dir: str | os.PathLike | None = None,
-                   progress: bool = True, mask_dir: str | os.PathLike | None = None) -> list[dict]:
-    """AUROC of a saved model for every scorer and ensemble, written to ``results.json`` and
-    per-image ``scores.csv``: on its dataset's test split (``run_dir``; with ``ood`` for a run
-    trained on every class) or on labelled folders (``model_dir`` with ``normal_dirs`` and
-    ``anomaly_dirs``). With ``mask_dir`` (ground-truth masks matched to the images by name, see
-    :func:`firm.data.read_masks`; folders only) a ``patch_map`` record adds the anomaly maps'
-    image AUROC (map maxima), ``pixel_auroc`` and ``pro``."""
-    if not (run_dir or model_dir):
-        raise ValueError("evaluate needs a run folder (firm evaluate RUN_DIR) or --model DIR")
-    if mask_dir is not None and not (normal_dirs or anomaly_dirs):
-        raise ValueError("--mask-dir needs the folders it describes: pass --normal-dir and --anomaly-dir")
-    folder = Path(run_dir or model_dir)
-    det = FIRMDetector.load(folder, progress=progress)
-    if mask_dir is not None:
-        det.check_maps()
-    s = det.settings_
-    e = dataclasses.replace(s.eval, scorers=list(scorers), final_tta=list(tta))
-    if normal_dirs or anomaly_dirs:
-        validate(dataclasses.replace(s, eval=e, data=DataConfig()))  # the names; the data are the folders
-        if not (normal_dirs and anomaly_dirs):
-            raise ValueError("folder evaluation needs both --normal-dir and --anomaly-dir")
-        normal, normal_paths = det.read(normal_dirs, "normal images")
-        anomalous, anomaly_paths = det.read(anomaly_dirs, "anomalous images")
-        names = normal_paths + anomaly_paths
-        y = torch.cat([torch.zeros(len(normal), dtype=torch.long), torch.ones(len(anomalous), dtype=torch.long)])
-        sets = [("folders", torch.cat([normal, anomalous]), y,
-                 [{"index": i, "path": str(Path(p).resolve()), "is_anomaly": int(a)} for i, (p, a) in
-                  enumerate(zip(names, y.tolist()))])]
-    else:
-        data = dataclasses.replace(s.data, data_root=data_root or s.data.data_root, ood=list(ood) or s.data.ood)
-        if not s.data.dataset or s.data.dataset.startswith(FOLDER_PREFIX):
-            raise ModelFileError(f"{folder} was not trained on a dataset; evaluate it with --normal-dir and --anomaly-dir")
-        if data.normal_class == "all" and not data.ood:
-            raise ValueError(f"{folder} was trained on every class of {s.data.dataset}: there is no anomaly in its test "
-                             "split; pass --ood DATASET_OR_FOLDER to score it against out-of-distribution images")
-        validate(dataclasses.replace(s, eval=e, data=data))
-        prepared = prepare_data(dataclasses.replace(s, data=data))
-        sets = [(name, images.images, y, [{"index": i, "label": int(c), "is_anomaly": int(a)} for i, (c, a) in
-                                          enumerate(zip(images.labels.tolist(), y.tolist()))])
-                for name, images, y in prepared.eval_sets]
-    base = {"loss": s.train.loss, "loss_mode": resolve_mode(s.train.loss, s.train.loss_mode), "dataset": s.data.dataset,
-            "normal_class": s.data.normal_class, "seed": s.train.seed, "epoch": s.train.epochs}
-    all_records, all_scores, all_rows = [], {}, []
-    for name, images, y, rows in sets:
-        records, scores = evaluate_scorers(det.encoder_, det.bank_, images, y, final_scorers(e), list(e.final_tta),
-                                           progress=progress, config=e)
-        if mask_dir is not None:
-            paths = [r["path"] for r in rows]
-            maps = torch.from_numpy(det.patches_.anomaly_maps(images).numpy())
-            masks = read_masks(paths, mask_dir, det.image_size, y)
-            metrics = map_metrics(maps, masks, y.numpy())
-            records.append({"scorer": "patch_map", "tta": "none", "auroc": metrics.get("image_auroc"),
-                            "pixel_auroc": metrics.get("pixel_auroc"), "pro": metrics.get("pro")})
-            scores[("patch_map", "none")] = image_scores(maps)
-        all_records += [{**base, "eval_set": name, **r} for r in records]
-        for key, value in scores.items():
-            all_scores[key] = torch.cat([all_scores[key], value]) if key in all_scores else value
-        all_rows += [{"eval_set": name, **r} for r in rows]
-    write_results(Path(out_dir or folder), all_records, all_scores, all_rows)
-    return all_records

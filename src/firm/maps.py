@@ -290,9 +290,32 @@ class PatchBank:
             out[start:start + b] = gaussian_blur(up.squeeze(1), self.sigma)
         return out
 
-    def score(self, images: Tensor) -> Tensor:
-        """Image anomaly scores ``(N,)``: the maximum of each anomaly map."""
-        return image_scores(self.anomaly_maps(images))
+    _PARAMS = ("stages", "coreset", "max_bank", "projection_dim", "sigma", "max_grid", "batch_size", "seed")
+
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict]:
+        """The tensors and header metadata that :meth:`from_tensors` rebuilds this bank from
+        (``patches.safetensors`` of a model folder)."""
+        params = {k: getattr(self, k) for k in self._PARAMS}
+        params["stages"] = list(params["stages"])
+        return ({"bank": self.bank_.float(), "stage_scales": self.stage_scales_.float()},
+                {"params": params, "n_patches": int(self.n_patches_), "grid": list(self.grid_)})
+
+    @classmethod
+    def from_tensors(cls, encoder: Encoder, tensors: dict[str, Tensor], meta: dict, source: str) -> "PatchBank":
+        """A fitted bank on ``encoder`` from what :meth:`to_tensors` returned; ``source`` names
+        the file in errors (:class:`ValueError` when tensors or parameters are missing or do not
+        fit the encoder)."""
+        try:
+            bank = cls(encoder, **{k: meta["params"][k] for k in cls._PARAMS})
+            bank.bank_, bank.stage_scales_ = tensors["bank"], tensors["stage_scales"]
+            bank.n_patches_, bank.grid_ = int(meta["n_patches"]), tuple(meta["grid"])
+            dims = list(encoder.map_dims(bank.stages))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"patch bank {source} lacks its tensors or parameters ({e}); refit the detector") from e
+        if bank.bank_.ndim != 2 or bank.bank_.shape[1] != sum(dims) or len(bank.stage_scales_) != len(dims):
+            raise ValueError(f"patch bank {source} has features of shape {tuple(bank.bank_.shape)}, the encoder's "
+                             f"stages {list(bank.stages)} give {sum(dims)} dimensions; refit the detector")
+        return bank
 
 
 def _check_maps_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:

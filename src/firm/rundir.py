@@ -40,8 +40,10 @@ from .serialization import (FORMAT_NAME, FORMAT_VERSION, ModelFileError, check_f
 from .training import TrainFiles
 
 __all__ = ["RUN_SETTINGS", "LOG", "CHECKPOINT", "MODEL", "BANK", "PATCHES", "CONFIG", "RESULTS", "SCORES", "REPORT", "ONNX",
-           "MAPS", "BENCH_RUNS", "BENCH_PARTIAL", "BENCH_REPORT", "prepare_output", "check_output_file", "train_files",
-           "write_run_settings", "read_run_settings", "save_model_dir", "load_model_dir", "load_extra", "read_log"]
+           "MAPS", "BENCH_RUNS", "BENCH_PARTIAL", "BENCH_REPORT", "prepare_output", "holds_no_work", "discard_unstarted",
+           "check_output_file", "train_files",
+           "write_run_settings", "read_run_settings", "save_model_dir", "load_model_dir", "load_extra", "read_log",
+           "write_results", "write_score_csv", "SCORE_COLUMNS"]
 
 RUN_SETTINGS = "run.json"
 LOG = "log.jsonl"
@@ -76,7 +78,7 @@ def prepare_output(path: str | os.PathLike, overwrite: bool = False, resume: boo
         if not path.is_dir():
             raise FileNotFoundError(f"--resume {path}: no such run folder")
         return path
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(path.iterdir()) and not holds_no_work(path):
         if not overwrite:
             raise FileExistsError(f"{flag} {path} is not empty; pass --overwrite to replace the run in it, "
                                   "--resume to continue it, or choose a new folder")
@@ -84,9 +86,8 @@ def prepare_output(path: str | os.PathLike, overwrite: bool = False, resume: boo
         if foreign:
             raise FileExistsError(f"{flag} {path} holds files firm did not write ({', '.join(foreign[:5])}); "
                                   "--overwrite only replaces a firm run folder: choose a new folder")
-        for p in path.iterdir():  # what an earlier run wrote, and temporary files of its interrupted writes
-            if p.name in _RUN_ITEMS or (p.name.startswith(".") and p.name.endswith(".tmp")):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if path.is_dir():
+        _remove_run_files(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -94,6 +95,37 @@ def prepare_output(path: str | os.PathLike, overwrite: bool = False, resume: boo
     if not os.access(path, os.W_OK):
         raise PermissionError(f"{flag} {path}: the folder is not writable")
     return path
+
+
+def _remove_run_files(path: Path) -> None:
+    """Remove what an earlier run wrote in ``path``, and temporary files of its interrupted writes."""
+    for p in path.iterdir():
+        if p.name in _RUN_ITEMS or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def holds_no_work(path: str | os.PathLike) -> bool:
+    """Whether the run folder ``path`` holds nothing worth keeping: at most the settings and an
+    epoch log without a finished epoch (a run that failed or was stopped before its first epoch)."""
+    path = Path(path)
+    names = {p.name for p in path.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+    if not names <= {RUN_SETTINGS, LOG}:
+        return False
+    try:
+        return not any(r.get("epoch", 0) >= 1 for r in read_log(path))
+    except ValueError:  # a log that does not parse is kept for the user to look at
+        return False
+
+
+def discard_unstarted(path: str | os.PathLike, remove_folder: bool) -> None:
+    """After a run failed before its first epoch: remove what it wrote (and the folder, if the
+    run created it), so that the same command can simply be run again."""
+    path = Path(path)
+    if not path.is_dir() or not holds_no_work(path):
+        return
+    _remove_run_files(path)
+    if remove_folder and not any(path.iterdir()):
+        path.rmdir()
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -211,3 +243,38 @@ def load_extra(directory: str | os.PathLike, name: str, what: str) -> tuple[dict
     if name not in files:
         return None
     return load_tensors(directory / name, what, files[name])
+
+
+def _csv_text(header: list[str], rows) -> str:
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_results(out_dir: str | os.PathLike, records: list[dict], scores: dict[tuple[str, str], Tensor],
+                  rows: list[dict]) -> None:
+    """``firm evaluate``'s files: ``results.json`` (the records) and ``scores.csv`` (one row per
+    image: its identity, the ground truth ``is_anomaly`` and one ``scorer:ensemble`` column per
+    score, at float32 precision), both written atomically."""
+    from .serialization import atomic_write
+    out_dir = Path(out_dir)
+    write_json(out_dir / RESULTS, records)
+    values = [scores[k].tolist() for k in scores]
+    lines = (list(row.values()) + [f"{v[i]:.9g}" for v in values] for i, row in enumerate(rows))
+    atomic_write(out_dir / SCORES, _csv_text(list(rows[0]) + [f"{s}:{t}" for s, t in scores], lines))
+
+
+SCORE_COLUMNS = ("rank", "path", "score", "flagged")
+"""Columns of ``firm score``'s CSV: rank (1 = most anomalous), absolute path, anomaly score,
+and ``flagged`` (1 when the score is above the detector's threshold: a prediction, not a truth)."""
+
+
+def write_score_csv(out: str | os.PathLike, rows: list[dict]) -> None:
+    """``firm score``'s CSV (:data:`SCORE_COLUMNS`), written atomically."""
+    from .serialization import atomic_write
+    atomic_write(out, _csv_text(list(SCORE_COLUMNS), ([r["rank"], r["path"], f"{r['score']:.9g}", r["flagged"]]
+                                                      for r in rows)))

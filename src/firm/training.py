@@ -162,9 +162,10 @@ class Trainer:
         self.progress = progress and self.rank == 0
 
         self.model = model.to(self.device)
-        # PyTorch's CPU channels-last convolution backward corrupts memory at widths below 8
-        # (segfaults and double frees seen with width 4 on torch 2.13); it is a speed option only.
-        self.channels_last = config.channels_last and (model.config.width >= 8 or self.device.type != "cpu")
+        # PyTorch's CPU channels-last convolution backward corrupts memory for some shapes
+        # (segfaults and double frees on torch 2.13, on AVX2 and AVX-512 CPUs alike); the layout
+        # is a speed option only, so it is used on GPUs alone.
+        self.channels_last = config.channels_last and self.device.type != "cpu"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
@@ -190,6 +191,7 @@ class Trainer:
         self.seconds = 0.0
         self.seconds_before_resume = 0.0
         self.history: list[dict] = []
+        self._unsaved: tuple[dict[str, Tensor], dict] | None = None  # the last finished epoch, when not checkpointed
         self.amp_dtype = torch.bfloat16 if config.amp else None
 
     # ----------------------------------------------------------------- one step
@@ -235,7 +237,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- epochs
     def train(self, resume: bool = False) -> Encoder:
-        """Train to ``config.epochs`` (continuing from the run's checkpoint if ``resume``)."""
+        """Train to ``config.epochs`` (continuing from the run's checkpoint if ``resume``; a run
+        interrupted before it wrote one starts again from its first epoch, as it would have run)."""
+        if resume and self.files is not None and not self.files.checkpoint.exists():
+            resume = False
         if resume:
             self.load_checkpoint()
         else:
@@ -247,41 +252,54 @@ class Trainer:
         self.model.train()
         epochs = tqdm(range(self.epoch, cfg.epochs), desc=f"train {cfg.loss}", disable=not self.progress,
                       initial=self.epoch, total=cfg.epochs, unit="epoch")
-        for epoch in epochs:
-            start = time.perf_counter()
-            index, variant = self.plan.epoch(epoch, self.device)
-            self.seed_epoch(epoch)
-            total = torch.zeros((), device=self.device)
-            steps = tqdm(range(len(index)), desc=f"epoch {epoch + 1}", leave=False, disable=not self.progress)
-            for s in steps:
-                total += self.step(index[s], variant[s])
-                if self.progress and (s % 20 == 19 or s == len(index) - 1):
-                    steps.set_postfix(loss=f"{float(total) / (s + 1):.4f}")
-            mean_loss = float(total) / len(index)
-            if self.world > 1:
-                t = torch.tensor([mean_loss], device=self.device)
-                dist.all_reduce(t)
-                mean_loss = float(t) / self.world
-            if not math.isfinite(mean_loss):
-                where = f"; the last good checkpoint {self.files.checkpoint} is kept" if self.files else ""
-                raise TrainingError(f"the loss became {mean_loss} in epoch {epoch + 1}{where}. Lower the learning rate "
-                                    "(--lr) or disable mixed precision (--amp off).")
-            self.epoch = epoch + 1
-            seconds = time.perf_counter() - start
-            record = {"epoch": self.epoch, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
-                      "seconds": seconds, "images_per_s": len(index) * cfg.batch_size / seconds}
-            due_eval = cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs)
-            if due_eval and self.evaluate is not None and self.rank == 0:
-                record.update(self.evaluate(self.model, self.epoch))
-                self.model.train()
-            epochs.set_postfix(loss=f"{mean_loss:.4f}")
-            self._log(record)
-            self.seconds += time.perf_counter() - start
-            due_ckpt = cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0
-            if due_ckpt or self.epoch == cfg.epochs:
-                self.save_checkpoint()
+        try:
+            for epoch in epochs:
+                self._train_epoch(epoch, epochs)
+        except KeyboardInterrupt:
+            self._save_unsaved_epochs()
+            raise
         self.model.eval()
         return self.model
+
+    def _train_epoch(self, epoch: int, bar) -> None:
+        """One epoch: its steps, its log record, and its checkpoint when one is due (else the
+        state in memory, which :meth:`_save_unsaved_epochs` writes if the run is interrupted)."""
+        cfg = self.config
+        start = time.perf_counter()
+        index, variant = self.plan.epoch(epoch, self.device)
+        self.seed_epoch(epoch)
+        total = torch.zeros((), device=self.device)
+        steps = tqdm(range(len(index)), desc=f"epoch {epoch + 1}", leave=False, disable=not self.progress)
+        for s in steps:
+            total += self.step(index[s], variant[s])
+            if self.progress and (s % 20 == 19 or s == len(index) - 1):
+                steps.set_postfix(loss=f"{float(total) / (s + 1):.4f}")
+        mean_loss = float(total) / len(index)
+        if self.world > 1:
+            t = torch.tensor([mean_loss], device=self.device)
+            dist.all_reduce(t)
+            mean_loss = float(t) / self.world
+        if not math.isfinite(mean_loss):
+            where = f"; the last good checkpoint {self.files.checkpoint} is kept" if self.files else ""
+            raise TrainingError(f"the loss became {mean_loss} in epoch {epoch + 1}{where}. Lower the learning rate "
+                                "(--lr) or disable mixed precision (--amp off).")
+        self.epoch = epoch + 1
+        seconds = time.perf_counter() - start
+        record = {"epoch": self.epoch, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                  "seconds": seconds, "images_per_s": len(index) * cfg.batch_size / seconds}
+        due_eval = cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs)
+        if due_eval and self.evaluate is not None and self.rank == 0:
+            record.update(self.evaluate(self.model, self.epoch))
+            self.model.train()
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        self._log(record)
+        self.seconds += time.perf_counter() - start
+        due_ckpt = cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0
+        if due_ckpt or self.epoch == cfg.epochs:
+            self.save_checkpoint()
+            self._unsaved = None
+        elif self.rank == 0 and self.files is not None:
+            self._unsaved = self._checkpoint_state()
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -291,19 +309,32 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # ----------------------------------------------------------------- checkpoints
+    def _checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        """Copies of the weights, optimizer, scheduler and epoch as they are now, unaffected by
+        later steps."""
+        tensors = {f"model.{k}": v for k, v in to_cpu_state(self.model).items()}
+        optim = self.optimizer.state_dict()
+        for index, state in optim["state"].items():
+            tensors.update({f"optim.{index}.{name}": v.detach().cpu().clone() for name, v in state.items()
+                            if isinstance(v, Tensor)})
+        meta = {"epoch": self.epoch, "seconds": self.seconds, "scheduler": self.scheduler.state_dict(),
+                "param_groups": optim["param_groups"],
+                "train": self.config.to_dict(), "model": self.model.config.to_dict()}
+        return tensors, json.loads(json.dumps(meta))
+
     def save_checkpoint(self) -> None:
         """Atomically write weights, optimizer, scheduler and epoch (rank 0). Random state needs
         no saving: data order and augmentations are seeded per epoch."""
         if self.rank != 0 or self.files is None:
             return
-        tensors = {f"model.{k}": v for k, v in to_cpu_state(self.model).items()}
-        optim = self.optimizer.state_dict()
-        for index, state in optim["state"].items():
-            tensors.update({f"optim.{index}.{name}": v for name, v in state.items() if isinstance(v, Tensor)})
-        meta = {"epoch": self.epoch, "seconds": self.seconds, "scheduler": self.scheduler.state_dict(),
-                "param_groups": optim["param_groups"],
-                "train": self.config.to_dict(), "model": self.model.config.to_dict()}
-        save_tensors(self.files.checkpoint, tensors, meta)
+        save_tensors(self.files.checkpoint, *self._checkpoint_state())
+
+    def _save_unsaved_epochs(self) -> None:
+        """On an interrupt, checkpoint the last finished epoch if no checkpoint holds it yet, so
+        that ``resume`` loses at most the epoch that was running."""
+        if self._unsaved is not None:
+            save_tensors(self.files.checkpoint, *self._unsaved)
+            self._unsaved = None
 
     def load_checkpoint(self) -> None:
         if self.files is None:
