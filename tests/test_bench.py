@@ -7,7 +7,7 @@ import torch
 
 from firm import bench
 from firm.bench import plan_grid, run_grid, spec_settings
-from firm.bench_report import convergence, final_aurocs, learning_curves
+from firm.bench_stats import convergence, final_aurocs, learning_curves
 from firm.config import Settings, apply_overrides, preset
 
 

@@ -1,11 +1,16 @@
-"""firm.bench_report on hand-made bench folders: method labels per layout, paired statistics,
+"""firm.bench_stats and firm.bench_report on hand-made bench folders: method labels per layout, paired
+statistics with the class as the unit, convergence races, scorer robustness, the best test checkpoint,
 old folders without loss_mode / budget, the budget ladder."""
 import json
 import math
 
 import pytest
 
-from firm.bench_report import method_labels, read_results, speedup_log_ratios, write_report
+from scipy.stats import binomtest
+
+from firm.bench_report import write_report
+from firm.bench_stats import method_labels, read_results, speedup_log_ratios, target_epochs
+from firm.stats import race
 from firm.serialization import write_json
 
 
@@ -61,19 +66,23 @@ def test_layouts_are_reported_apart_with_paired_statistics(layouts):
     # per class mean +- std over the two seeds: class 0 FIRM/concat = 0.81 +- sqrt(2) * 0.01
     assert f"| 0 | 0.8100 ± {math.sqrt(2) * 0.01:.4f} |" in text
     assert "| **mean** | **0.7450** | **0.7450** | **0.6850** | **0.6850** |" in text
-    # FIRM/concat - FIRM/pairwise: -0.01, +0.01, -0.01, +0.01 -> mean 0, not distinguishable; Wilcoxon p = 1
-    assert "| firm/concat | firm/pairwise | 4 (2) | +0.00 |" in text
-    assert "not distinguishable from zero" in text
-    # FIRM/concat gains 6 points on all 4 cells over either NT-Xent layout; the exact two-sided
-    # Wilcoxon p of 4 positive differences is 2 / 2**4
-    row = "| firm/concat | ntxent/concat | 4 (2) | +6.00 | [+6.00, +6.00] | 0.125† |"
-    assert row in text and "† Too few pairs" in text and "| 4 / 0 / 0 | +6.00 | +6.00 | FIRM ahead |" in text
+    # FIRM/concat - FIRM/pairwise: -0.01, +0.01 within each class -> class means 0 and 0, two classes:
+    # no interval, the class values instead, and no test (every class is a tie)
+    assert "| firm/concat | firm/pairwise | 2 (4) | +0.00 | none (2 classes) | none (2 classes) | +0.00, +0.00 |" in text
+    assert "too few classes (2) for an interval" in text
+    # FIRM/concat gains 6 points in every cell over either NT-Xent layout; the exact two-sided
+    # Wilcoxon p of 2 positive class means is 2 / 2**2
+    row = "| firm/concat | ntxent/concat | 2 (4) | +6.00 | none (2 classes) | none (2 classes) | +6.00, +6.00 | 0.5† |"
+    assert row in text and "† Too few classes" in text and "| 2 / 0 / 0 |" in text
     # FIRM/pairwise: (0.81-0.74, 0.81-0.76, 0.71-0.64, 0.65-0.60) = (7, 5, 7, 5) points -> +6
-    assert "| firm/pairwise | ntxent/concat | 4 (2) | +6.00 |" in text
+    assert "| firm/pairwise | ntxent/concat | 2 (4) | +6.00 |" in text
     # firm/pairwise vs firm/concat is the same comparison as above, given once
     assert "| firm/pairwise | firm/concat |" not in text
-    # speed-up to NT-Xent's final: NT-Xent needs 8 epochs in every cell, FIRM/concat 2 -> 4x
-    assert "| firm/concat | ntxent/concat | 4 (2) | 4.00x | [4.00x, 4.00x] |" in text
+    # race to NT-Xent's final: NT-Xent needs 8 epochs in every cell, FIRM/concat 2 -> FIRM first in all
+    # 4 cells and both classes; speed-up 4x, over two classes the values only
+    assert "| firm/concat | ntxent/concat | 4 (2) | 0 | 4 / 0 / 0 (0 censored); classes 2 / 0 / 0, p 0.5† | " \
+           "4.00x (values 4.00x, 4.00x) over 4 cells |" in text
+    assert "95 % CI" not in text
     assert "Models are never chosen by test labels" in text
     assert "Methods: firm/concat, firm/pairwise, ntxent/concat, ntxent/pairwise (" in text
     assert not (layouts / "ladder.png").exists()
@@ -88,8 +97,8 @@ def test_layouts_are_reported_apart_with_paired_statistics(layouts):
                           ("firm/concat", "ntxent/pairwise"), ("firm/pairwise", "ntxent/concat"),
                           ("firm/pairwise", "ntxent/pairwise")}
     same = auroc["firm/concat", "firm/pairwise"]
-    assert same["covers_zero"] and same["p_value"] == pytest.approx(1.0) and (same["wins"], same["losses"]) == (2, 2)
-    assert "not distinguishable from zero" in same["text"]
+    assert same["covers_zero"] is None and same["p_value"] is None and (same["wins"], same["ties"]) == (0, 2)
+    assert same["verdict"] == "too few classes (2) for an interval" and "class values +0.00, +0.00" in same["text"]
     cls0 = [r for r in results["per_class"] if r["method"] == "firm/concat" and r["normal_class"] == 0]
     assert cls0[0]["mean"] == pytest.approx(0.81) and cls0[0]["std"] == pytest.approx(math.sqrt(2) * 0.01)
 
@@ -103,20 +112,24 @@ def test_one_layout_per_loss_keeps_plain_names():
     assert mixed[("firm", "concat")] == "firm/concat" and mixed[("firm", None)] == "firm/unrecorded"
 
 
-def test_speedup_log_ratios_by_hand():
+def test_convergence_cells_by_hand():
     epochs = [0, 2, 4, 6, 8]
     other = {(0, 0): (epochs, [0.5, 0.6, 0.7, 0.75, 0.8]), (1, 0): (epochs, [0.5, 0.52, 0.55, 0.58, 0.6]),
-             (2, 0): (epochs, [0.5, 0.9, 0.9, 0.9, 0.9])}
+             (2, 0): (epochs, [0.5, 0.9, 0.9, 0.9, 0.9]), (3, 0): (epochs, [0.5, 0.47, 0.49, 0.5, 0.5])}
     firm = {(0, 0): (epochs, [0.5, 0.8, 0.9, 0.9, 0.9]), (1, 0): (epochs, [0.5, 0.7, 0.7, 0.7, 0.7]),
-            (2, 0): (epochs, [0.5, 0.6, 0.7, 0.8, 0.85])}
+            (2, 0): (epochs, [0.5, 0.6, 0.7, 0.8, 0.85]), (3, 0): (epochs, [0.5, 0.6, 0.7, 0.8, 0.85])}
     finals = {k: v[1][-1] for k, v in other.items()}
-    logs, censored, undefined = speedup_log_ratios(firm, other, finals)
-    # class 0: 8 / 2; class 1: FIRM crosses 0.6 half way to epoch 2 -> 8 / 1; class 2: the other
-    # method needs 2 epochs, FIRM never reaches 0.9 and counts at its budget, 8 -> 2 / 8
-    assert logs[(0, 0)] == pytest.approx(math.log(4))
-    assert logs[(1, 0)] == pytest.approx(math.log(8))
-    assert logs[(2, 0)] == pytest.approx(math.log(2 / 8))
-    assert (censored, undefined) == (1, 0)
+    firm_e, other_e, undefined = target_epochs(firm, other, finals)
+    # class 3: the other method ends where its untrained encoder started: undefined, dropped
+    assert undefined == 1 and (3, 0) not in firm_e
+    # class 0: 2 against 8; class 1: FIRM crosses 0.6 half way to epoch 2; class 2: FIRM never gets there
+    assert firm_e == {(0, 0): 2.0, (1, 0): 1.0, (2, 0): math.inf} and other_e == {(0, 0): 8.0, (1, 0): 8.0, (2, 0): 2.0}
+    # the censored cell is in the race, for the other method, and not in the speed-up
+    logs = speedup_log_ratios(firm_e, other_e)
+    assert logs == pytest.approx({(0, 0): math.log(4), (1, 0): math.log(8)})
+    outcome = race(firm_e, other_e)
+    assert (outcome.first, outcome.second, outcome.censored) == (2, 1, 1)
+    assert outcome.p_value == pytest.approx(binomtest(2, 3, 0.5).pvalue)
 
 
 def test_old_folder_without_layout_or_budget(tmp_path):
@@ -130,9 +143,9 @@ def test_old_folder_without_layout_or_budget(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| normal class | firm | ntxent |" in text and "**0.8000**" in text and "**0.7000**" in text
     assert "Methods: firm, ntxent (" in text
-    assert "| firm | ntxent | 2 (2) | +10.00 | [+10.00, +10.00] |" in text
+    assert "| firm | ntxent | 2 (2) | +10.00 | none (2 classes) |" in text
     # geometric mean of the speed-ups 8/2 and 8/1
-    assert f"| firm | ntxent | 2 (2) | {math.sqrt(32):.2f}x |" in text
+    assert f"| {math.sqrt(32):.2f}x (values 4.00x, 8.00x) over 2 cells |" in text
     assert "Per class: one seed" in text and "budget" not in text.split("## toy")[1].split("\n")[0]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     # standard JSON (one seed: the per-class std is null, not NaN), old records kept with null tags
@@ -165,7 +178,7 @@ def test_incomplete_grid_is_flagged(tmp_path):
     assert "Incomplete grid: firm lacks 1 of 2 classes" in text
     assert "**0.9000** (1 of 2 classes)" in text
     # the gain pairs class 0 seed 0 only: 0.9 - 0.8
-    assert "| firm | ntxent | 1 (1) | +10.00 | - (one pair) |" in text
+    assert "| firm | ntxent | 1 (1) | +10.00 | none (1 class) |" in text
 
 
 def test_budget_ladder(tmp_path):
@@ -182,11 +195,12 @@ def test_budget_ladder(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "## Budget ladder" in text and "Preset: `cpu`" in text
     assert "## toy, test set, budget 4 epochs: final AUROC" in text and "## toy, test set, budget 8 epochs" in text
-    # gains over NT-Xent: budget 4: 2 points + 0 / 1 point by seed -> +2.50; budget 8: +5.50
-    assert "| toy (test) | 4 | firm | ntxent | 4 (2) | +2.50 [" in text
-    assert "| toy (test) | 8 | firm | ntxent | 4 (2) | +5.50 [" in text
+    # gains over NT-Xent: budget 4: 2 points + 0 / 1 point by seed -> +2.50 in both classes; budget 8: +5.50
+    assert "| toy (test) | 4 | firm | ntxent | 2 (4) | +2.50 (values +2.50, +2.50) |" in text
+    assert "| toy (test) | 8 | firm | ntxent | 2 (4) | +5.50 (values +5.50, +5.50) |" in text
     # the paper's claims beside them
-    assert "| cifar10 (paper) | 2,000 | firm | ntxent | 10 classes x 5 seeds | +6.2 | (as reported) | - | about 12x |" in text
+    assert "| cifar10 (paper) | 2,000 | firm | ntxent | 10 x 5 seeds | +6.2 | - | (as reported) | - | - | about 12x |" \
+        in text
     assert "| cifar10 (paper) | 2,000 | firm | rotsupcon |" in text and "7x faster than Rot-SupCon" in text
     png = tmp_path / "ladder.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -197,16 +211,17 @@ def test_budget_ladder(tmp_path):
     assert rows[8, "ntxent"]["auroc_gain"]["mean"] == pytest.approx(0.055)
     # the gap over NT-Xent grew by 3 points in every cell from budget 4 to 8; over Rot-SupCon it stayed
     grew, same = rows[8, "ntxent"]["gain_change"], rows[8, "rotsupcon"]["gain_change"]
-    assert grew["from_budget"] == 4 and grew["mean"] == pytest.approx(0.03) and (grew["wins"], grew["losses"]) == (4, 0)
-    assert same["mean"] == pytest.approx(0.0, abs=1e-9) and same["ties"] == 4
+    assert grew["from_budget"] == 4 and grew["mean"] == pytest.approx(0.03) and (grew["wins"], grew["losses"]) == (2, 0)
+    assert same["mean"] == pytest.approx(0.0, abs=1e-9) and same["ties"] == 2
     assert rows[4, "ntxent"]["gain_change"] is None
-    assert "4 / 0 / 0 (from 4) |" in text
+    assert "2 / 0 / 0 (from 4) |" in text
     # speed-up over NT-Xent at budget 8: NT-Xent reaches its final at 8, FIRM passes it at 2 or
     # earlier (FIRM is above it from epoch 2 on) -> at least 4x
-    assert math.exp(rows[8, "ntxent"]["log_speedup"]["mean"]) >= 4 - 1e-9
+    assert math.exp(rows[8, "ntxent"]["speed"]["log_speedup"]["mean"]) >= 4 - 1e-9
     # Rot-SupCon ends 1 point above FIRM on seed 0, level on seed 1: FIRM never reaches its final
-    # on the two seed-0 cells
-    assert rows[8, "rotsupcon"]["speedup_censored"] == 2
+    # on the two seed-0 cells (censored, Rot-SupCon first) and is first on the seed-1 cells
+    race = rows[8, "rotsupcon"]["speed"]["race"]
+    assert (race["censored"], race["first"], race["second"], race["classes_level"]) == (2, 2, 2, 2)
 
 
 def test_machine_line_gives_total_mean_and_range_of_run_times(tmp_path):

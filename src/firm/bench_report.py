@@ -1,20 +1,9 @@
-"""The bench report: tables shaped like the paper's, paired statistics, a budget ladder,
-convergence figures and learning curves.
+"""The bench report: tables shaped like the paper's, paired statistics, scorer robustness, the
+authors' checkpoint selection measured beside ours, a budget ladder, convergence races and
+learning curves, rendered as ``report.md`` and figures from ``firm.bench_stats``.
 
-Everything here is computed from the run results in ``out_dir/runs/*.json``, so the report can
-be rebuilt at any time, from any subset of shards. This module reads those files itself and
-imports neither ``bench`` nor ``cli``.
-
-Methods. A method is a loss, or ``loss/layout`` (e.g. ``firm/concat``, ``firm/pairwise``) when
-runs of one loss use several loss layouts, so a bench comparing layouts reports them apart. FIRM
-in each of its layouts is compared with every other method, paired over the (class, seed) cells
-both ran (``firm.stats``): mean gain with a 95 % hierarchical bootstrap interval, Wilcoxon
-signed-rank p, wins / ties / losses.
-
-Budgets. A run's ``budget`` is its total epochs. When a folder holds several budgets, every
-table is given per budget and a ladder section shows the gain and the speed-up against the
-budget, beside the paper's claims at 2,000 epochs. Runs without ``loss_mode`` / ``budget``
-(older folders) are one layout and one budget, as before.
+Everything is computed from the run results in ``out_dir/runs/*.json``, so the report can be
+rebuilt at any time (``firm bench --report-only``), from any subset of shards.
 """
 from __future__ import annotations
 
@@ -24,170 +13,45 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .bench_stats import (budget_groups, bench_statistics, change_key, find_comparison, final_aurocs, gain_changes,
+                          ladder_json, ladder_pairs, learning_curves, load_runs, method_order, statistics_json)
 from .data import CLASS_NAMES
-from .evaluation import aulc, epochs_to_reach
-from .rundir import BENCH_REPORT, BENCH_RUNS, RESULTS
-from .serialization import atomic_write, read_json, write_json
-from .stats import PairedResult, compare, compare_differences, per_class_summary
+from .rundir import BENCH_REPORT, RESULTS
+from .serialization import atomic_write, write_json
+from .stats import MIN_CLASSES, PairedResult
 
-__all__ = ["final_aurocs", "learning_curves", "convergence", "method_labels", "load_runs", "speedup_log_ratios",
-           "bench_statistics", "read_results", "write_report", "PAPER_CLAIMS", "PAPER_LADDER"]
+__all__ = ["write_report", "PAPER_CLAIMS"]
 
 PAPER_CLAIMS = (
     "The paper (ResNet-18 width 64, 2,000 epochs, batch 32, 5 seeds, official CIFAR-10 files) reports on CIFAR-10 a "
     "mean AUROC gain of FIRM of 6.2 points over NT-Xent and 2 points over Rot-SupCon (up to 16.9 on single classes), "
     "about 12x faster convergence than NT-Xent and 7x faster than Rot-SupCon, and robustness across scoring functions."
 )
-PAPER_LADDER = {"dataset": "cifar10", "budget": 2000, "seeds": 5,
-                "gain_points": {"ntxent": 6.2, "rotsupcon": 2.0}, "speedup": {"ntxent": 12.0, "rotsupcon": 7.0}}
-"""The paper's CIFAR-10 claims as points on the budget ladder (gain in AUROC points, speed-up factor)."""
-LOSS_ORDER = ["firm", "ntxent", "supcon", "rotsupcon"]
-MODE_ORDER = ["concat", "pairwise"]
-NO_MODELS_FROM_TEST = ("Models are never chosen by test labels: every number is the last epoch's model; the learning "
-                       "curves are recorded for these figures only, never used to pick a model or a stopping epoch.")
-Key = tuple  # (dataset, eval_set, normal_class, method, seed)
-Cell = tuple  # (normal_class, seed)
+NO_MODELS_FROM_TEST = ("Models are never chosen by test labels: every number is the last epoch's model, except the "
+                       "column marked \"best test checkpoint\", which measures the authors' selection and feeds "
+                       "nothing; the learning curves are recorded for these figures only.")
+STATS_NOTE = (
+    "Paired statistics (`firm.stats`), the class as the unit: each class's differences are averaged over the seeds "
+    "both methods ran, and everything below runs on those class values. Estimate: their mean. Intervals (95 %): a "
+    "hierarchical percentile bootstrap (10,000 resamples of classes, then of seeds within each drawn class; fixed "
+    "RNG seed) and a t-interval on the class values; the verdict follows the more cautious of the two (FIRM ahead or "
+    "behind only when both exclude zero). Wilcoxon signed-rank p (two-sided) on the class values; a difference "
+    f"within 1e-4 is a tie. With fewer than {MIN_CLASSES} classes there is no interval: the class values are listed "
+    "instead. With one seed per class the spread is over classes only, not seed noise.")
+P_FLOOR_NOTE = ("† Too few classes for the test to reach p < 0.05 at all: with n non-tied classes the smallest "
+                "two-sided exact p is 2 / 2^n (0.25 for 3, 0.125 for 4, 0.0625 for 5).")
+SPEED_NOTE = (
+    "Convergence to the other method's final AUROC, per (class, seed) cell: the epochs each method needs to first "
+    "reach it (linear interpolation between evaluations). A cell is undefined, and dropped, when the other method's "
+    "final AUROC is at or below its untrained encoder's (epoch 0). Race: which method got there first; a cell where "
+    "FIRM never got there is censored and counts for the other method; classes count by the sign of their mean "
+    "outcome over seeds, with a two-sided sign test. Speed-up: the geometric mean of (epochs the other needs / epochs "
+    "FIRM needs) over the cells where FIRM reached the target only, so it leaves out exactly the cells where FIRM was "
+    "slowest; read it beside the race.")
 
 
 # ----------------------------------------------------------------------------------------------
-# Records
-
-
-def _method(r: dict) -> str:
-    return r.get("method", r["loss"])
-
-
-def _class(c) -> int:
-    """A normal class as a number: newer runs record ``"3"`` or ``"all"``, older ones 3 or -1."""
-    if isinstance(c, str):
-        return -1 if c == "all" else int(c)
-    return c
-
-
-def _loss_rank(loss: str) -> int:
-    return LOSS_ORDER.index(loss) if loss in LOSS_ORDER else len(LOSS_ORDER)
-
-
-def method_labels(records: list[dict]) -> dict[tuple[str, str | None], str]:
-    """``(loss, loss_mode) -> method``: the loss, plus ``/layout`` when runs of that loss use
-    several layouts (a missing layout reads ``unrecorded`` then)."""
-    modes = defaultdict(set)
-    for r in records:
-        modes[r["loss"]].add(r.get("loss_mode"))
-    return {(loss, mode): loss if len(ms) == 1 else f"{loss}/{mode or 'unrecorded'}"
-            for loss, ms in modes.items() for mode in ms}
-
-
-def _method_order(methods) -> list[str]:
-    def rank(m: str):
-        loss, _, mode = m.partition("/")
-        return (_loss_rank(loss), loss, MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
-    return sorted(methods, key=rank)
-
-
-def _is_firm(method: str) -> bool:
-    return method.partition("/")[0] == "firm"
-
-
-def load_runs(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """The run results of a bench folder and all their records, each record given the run's
-    ``loss_mode`` and ``budget`` where it lacks them (None in older folders) and its method label."""
-    runs = [read_json(f, "bench run") for f in sorted((Path(out_dir) / BENCH_RUNS).glob("*.json"))]
-    records = []
-    for run in runs:
-        for r in run.get("records", []):
-            records.append({**r, "loss_mode": r.get("loss_mode", run.get("loss_mode")),
-                            "budget": r.get("budget", run.get("budget"))})
-    labels = method_labels(records)
-    for r in records:
-        r["method"] = labels[(r["loss"], r["loss_mode"])]
-    return runs, records
-
-
-def read_results(path: str | Path) -> dict:
-    """A bench ``results.json``: the current form (a dict with ``records`` and the statistics)
-    or the older one (a bare list of records), always as a dict."""
-    data = json.loads(Path(path).read_text())
-    return {"records": data} if isinstance(data, list) else data
-
-
-def final_aurocs(records: list[dict], scorer: str = "cos1", tta: str = "none") -> dict[Key, float]:
-    """Final AUROC of each run for one scorer and ensemble (records of one budget)."""
-    return {(r["dataset"], r["eval_set"], _class(r["normal_class"]), _method(r), r["seed"]): r["auroc"]
-            for r in records if r["final"] and r["scorer"] == scorer and r["tta"] == tta}
-
-
-def learning_curves(records: list[dict]) -> dict[Key, tuple[list[float], list[float]]]:
-    """cos1 AUROC against epoch for each run (evaluation set)."""
-    points = defaultdict(dict)
-    for r in records:
-        if not r["final"] and r["scorer"] == "cos1" and r["tta"] == "none":
-            points[(r["dataset"], r["eval_set"], _class(r["normal_class"]), _method(r), r["seed"])][r["epoch"]] = r["auroc"]
-    return {k: (sorted(v), [v[e] for e in sorted(v)]) for k, v in points.items()}
-
-
-def convergence(curves: dict[Key, tuple[list[float], list[float]]], final: dict[Key, float],
-                baseline: str = "ntxent") -> dict[str, dict]:
-    """Per method: AULC of each run, and the epochs each run needs to reach the baseline's final
-    AUROC on the same class and seed (``inf`` if it never does)."""
-    out = defaultdict(lambda: {"aulc": [], "epochs": {}})
-    for key, (epochs, values) in curves.items():
-        loss = key[3]
-        if len(epochs) >= 2:
-            out[loss]["aulc"].append(aulc(epochs, values))
-        target_key = key[:3] + (baseline, key[4])
-        if target_key in final:
-            out[loss]["epochs"][key[:3] + key[4:]] = epochs_to_reach(epochs, values, final[target_key])
-    return dict(out)
-
-
-def speedup_log_ratios(firm_curves: dict[Cell, tuple[list, list]], other_curves: dict[Cell, tuple[list, list]],
-                       other_final: dict[Cell, float]) -> tuple[dict[Cell, float], int, int]:
-    """Per (class, seed): ``log(epochs the other method needs / epochs FIRM needs)`` to first
-    reach the other method's final AUROC (linear interpolation between evaluations).
-
-    A ratio's natural paired scale is its log: 2x and 0.5x cancel, and the mean of log-ratios is
-    the log of the geometric-mean speed-up. When FIRM never reaches the target, its epochs count
-    as its last evaluated epoch (the budget): that pair's value is then an upper bound, in FIRM's
-    favour. Pairs where the ratio is undefined (one method needs 0 epochs and the other more, or
-    the other method's curve never reaches its own final AUROC) are left out. Returns the
-    log-ratios, the number of censored pairs and the number left out."""
-    out, censored, undefined = {}, 0, 0
-    for cell in sorted(firm_curves.keys() & other_curves.keys() & other_final.keys()):
-        target = other_final[cell]
-        e_other = epochs_to_reach(*other_curves[cell], target)
-        e_firm = epochs_to_reach(*firm_curves[cell], target)
-        if math.isinf(e_firm):
-            e_firm, censored = float(firm_curves[cell][0][-1]), censored + 1
-        if math.isinf(e_other) or (e_other == 0) != (e_firm == 0):
-            undefined += 1
-            continue
-        out[cell] = 0.0 if e_other == 0 else math.log(e_other / e_firm)
-    return out, censored, undefined
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics
-
-
-def _budget_groups(records: list[dict]) -> list:
-    budgets = {r.get("budget") for r in records}
-    return sorted(budgets, key=lambda b: (b is None, b if b is not None else 0))
-
-
-def _cells(scores: dict[Key, float], method: str) -> dict[Cell, float]:
-    return {(k[2], k[4]): v for k, v in scores.items() if k[3] == method}
-
-
-def _clean(x):
-    """JSON-safe: non-finite floats as None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
+# Cells
 
 
 def _points(x: float) -> str:
@@ -199,124 +63,15 @@ def _factor(x: float) -> str:
     return f"{math.exp(x):.2f}x"
 
 
-def bench_statistics(records: list[dict]) -> dict:
-    """Every paired comparison and per-class summary of a bench, grouped by dataset, evaluation
-    set and budget: ``{"methods", "groups": [{dataset, eval_set, budget, methods, per_class,
-    comparisons: [{method, other, metric, result: PairedResult, ...}]}]}``. Metrics: ``auroc``
-    (final cos1 AUROC, no ensemble), ``aulc`` and ``log_speedup`` (``speedup_log_ratios``)."""
-    methods = _method_order({_method(r) for r in records})
-    groups = []
-    for budget in _budget_groups(records):
-        mine = [r for r in records if r.get("budget") == budget]
-        final = final_aurocs(mine)
-        curves = learning_curves(mine)
-        for dataset, eval_set in sorted({k[:2] for k in final}):
-            fin = {k: v for k, v in final.items() if k[:2] == (dataset, eval_set)}
-            cur = {k: v for k, v in curves.items() if k[:2] == (dataset, eval_set)}
-            present = _method_order({k[3] for k in fin})
-            auroc = {m: _cells(fin, m) for m in present}
-            curve = {m: {(k[2], k[4]): v for k, v in cur.items() if k[3] == m} for m in present}
-            area = {m: {c: aulc(*v) for c, v in curve[m].items() if len(v[0]) >= 2} for m in present}
-            comps = []
-            firms = [m for m in present if _is_firm(m)]
-            for i, f in enumerate(firms):
-                for other in [m for m in present if m != f and m not in firms[:i]]:
-                    entry = dict(method=f, other=other)
-                    for metric, a, b in (("auroc", auroc[f], auroc[other]), ("aulc", area[f], area[other])):
-                        result = compare(a, b)
-                        if result is not None:
-                            comps.append({**entry, "metric": metric, "result": result})
-                    logs, censored, undefined = speedup_log_ratios(curve[f], curve[other], auroc[other])
-                    if logs:
-                        comps.append({**entry, "metric": "log_speedup", "result": compare(logs, {c: 0.0 for c in logs}),
-                                      "censored": censored, "undefined": undefined})
-            groups.append(dict(dataset=dataset, eval_set=eval_set, budget=budget, methods=present, auroc=auroc,
-                               per_class={m: per_class_summary(auroc[m]) for m in present}, comparisons=comps,
-                               aulc={m: list(area[m].values()) for m in present}))
-    return {"methods": methods, "groups": groups}
-
-
-def _find(group: dict, method: str, other: str, metric: str) -> dict | None:
-    return next((c for c in group["comparisons"]
-                 if (c["method"], c["other"], c["metric"]) == (method, other, metric)), None)
-
-
-def _statistics_json(stats: dict) -> dict:
-    comparisons, per_class = [], []
-    for g in stats["groups"]:
-        where = {"dataset": g["dataset"], "eval_set": g["eval_set"], "budget": g["budget"]}
-        for c in g["comparisons"]:
-            fmt, null = (_factor, "1x") if c["metric"] == "log_speedup" else (_points, "zero")
-            extra = {k: c[k] for k in ("censored", "undefined") if k in c}
-            comparisons.append({**where, "method": c["method"], "other": c["other"], "metric": c["metric"],
-                                **c["result"].to_dict(), **extra, "text": c["result"].text(fmt, null)})
-        for m, classes in g["per_class"].items():
-            per_class += [{**where, "method": m, "normal_class": cls, "mean": mean, "std": std, "seeds": n}
-                          for cls, (mean, std, n) in sorted(classes.items())]
-    return {"comparisons": comparisons, "per_class": per_class}
-
-
-def _ladder_pairs(stats: dict) -> list[tuple[dict, dict]]:
-    """(group, AUROC comparison) of every budget that is recorded."""
-    return [(g, c) for g in stats["groups"] if g["budget"] is not None for c in g["comparisons"]
-            if c["metric"] == "auroc"]
-
-
-def _paper_claims(others: set[str]) -> dict:
-    """PAPER_LADDER narrowed to the losses FIRM is compared with here, so that the ladder's table and
-    plot (both read it from the ladder JSON) never show a claim against a loss the grid did not run."""
-    keep = [o for o in PAPER_LADDER["gain_points"] if o in others]
-    return {**PAPER_LADDER, "gain_points": {o: PAPER_LADDER["gain_points"][o] for o in keep},
-            "speedup": {o: PAPER_LADDER["speedup"][o] for o in keep}}
-
-
-def _gain_changes(stats: dict) -> dict[tuple, tuple[int, PairedResult]]:
-    """How the AUROC gain of each ladder comparison moved from the smallest budget at which both
-    methods ran, keyed by (dataset, eval_set, budget, method, other): (that budget, the paired
-    statistics of each (class, seed) cell's gain here minus its gain there). It answers "does the gap
-    grow" on the same cells, which the per-budget intervals cannot: they may hold different cells, and
-    they ignore that a class is easy at every budget."""
-    out = {}
-    for group, c in _ladder_pairs(stats):
-        method, other = c["method"], c["other"]
-        base = min((g for g in stats["groups"] if g["budget"] is not None
-                    and (g["dataset"], g["eval_set"]) == (group["dataset"], group["eval_set"])
-                    and {method, other} <= g["auroc"].keys()), key=lambda g: g["budget"])
-        if base is group:
-            continue
-        now, then = group["auroc"], base["auroc"]
-        cells = now[method].keys() & now[other].keys() & then[method].keys() & then[other].keys()
-        diffs = {cell: (now[method][cell] - now[other][cell]) - (then[method][cell] - then[other][cell])
-                 for cell in cells}
-        diffs = {cell: d for cell, d in diffs.items() if math.isfinite(d)}
-        if diffs:
-            out[_change_key(group, c)] = (base["budget"], compare_differences(diffs))
-    return out
-
-
-def _change_key(group: dict, comparison: dict) -> tuple:
-    return group["dataset"], group["eval_set"], group["budget"], comparison["method"], comparison["other"]
-
-
-def _ladder_json(stats: dict, changes: dict[tuple, tuple[int, PairedResult]]) -> dict | None:
-    budgets = [b for b in _budget_groups([{"budget": g["budget"]} for g in stats["groups"]]) if b is not None]
-    if len(budgets) < 2:
+def _clean(x):
+    """JSON-safe: non-finite floats as None."""
+    if isinstance(x, float) and not math.isfinite(x):
         return None
-    rows = []
-    for g, c in _ladder_pairs(stats):
-        speed = _find(g, c["method"], c["other"], "log_speedup")
-        change = changes.get(_change_key(g, c))
-        rows.append({"dataset": g["dataset"], "eval_set": g["eval_set"], "budget": g["budget"], "method": c["method"],
-                     "other": c["other"], "auroc_gain": c["result"].to_dict(),
-                     "gain_change": {"from_budget": change[0], **change[1].to_dict()} if change else None,
-                     "log_speedup": speed["result"].to_dict() if speed else None,
-                     "speedup_censored": speed["censored"] if speed else None})
-    others = {c["other"].partition("/")[0] for g in stats["groups"] for c in g["comparisons"]}
-    return {"budgets": budgets, "rows": rows, "paper": _paper_claims(others)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Markdown
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
 
 
 def _mean_std(values: list[float]) -> str:
@@ -347,23 +102,34 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _at_p_floor(r: PairedResult) -> bool:
-    """Whether the p-value is shown with † (too few pairs for it to reach 0.05; see P_FLOOR_NOTE)."""
-    return r.p_value is not None and bool(r.p_note)
+def _at_p_floor(p_value: float | None, p_note: str) -> bool:
+    """Whether a p-value is shown with † (too few classes for it to reach 0.05; see P_FLOOR_NOTE)."""
+    return p_value is not None and bool(p_note)
 
 
-def _p_cell(r: PairedResult) -> str:
-    if r.p_value is None:
-        return f"- ({r.p_note})"
-    return f"{r.p_value:.3g}" + ("†" if _at_p_floor(r) else "")
+def _p_cell(p_value: float | None, p_note: str) -> str:
+    if p_value is None:
+        return f"- ({p_note})"
+    return f"{p_value:.3g}" + ("†" if _at_p_floor(p_value, p_note) else "")
 
 
-P_FLOOR_NOTE = ("† Too few pairs for the test to reach p < 0.05 at all: with n non-tied pairs the smallest two-sided "
-                "Wilcoxon p is 2 / 2^n (0.125 for 4, 0.0625 for 5).")
+def _pair(low: float, high: float, fmt) -> str:
+    return f"[{fmt(low)}, {fmt(high)}]"
 
 
-def _ci_cell(r: PairedResult, fmt) -> str:
-    return f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if r.ci_low is not None else "- (one pair)"
+def _values(r: PairedResult, fmt) -> str:
+    """The class values (fewer than MIN_CLASSES) or the worst and best of them."""
+    if r.has_interval:
+        return f"{fmt(r.class_worst)} to {fmt(r.class_best)}"
+    return ", ".join(fmt(v) for v in sorted(r.class_values))
+
+
+def _compact(r: PairedResult, fmt) -> str:
+    """Estimate with the cautious interval (bold when it excludes zero), or the class values."""
+    if not r.has_interval:
+        return f"{fmt(r.mean)} (values {_values(r, fmt)})"
+    text = f"{fmt(r.mean)} {_pair(*r.interval, fmt)}"
+    return f"**{text}**" if not r.covers_zero else text
 
 
 def _verdict(r: PairedResult, null: str) -> str:
@@ -371,30 +137,46 @@ def _verdict(r: PairedResult, null: str) -> str:
     return {f"above {null}": "FIRM ahead", f"below {null}": "FIRM behind"}.get(v, v)
 
 
-def _comparison_table(comps: list[dict], fmt, null: str, value_header: str, speed: bool = False) -> str:
-    header = ["FIRM", "vs", "pairs (classes)", value_header, "95 % CI", "Wilcoxon p", "wins / ties / losses",
-              "best class", "worst class", "verdict"]
-    if speed:
-        header.append("FIRM never reached the target")
+def _comparison_table(comps: list[dict], fmt, null: str, value_header: str) -> str:
+    header = ["FIRM", "vs", "classes (pairs)", value_header, "95 % bootstrap", "95 % t", "class values (worst to best)",
+              "Wilcoxon p (classes)", "classes ahead / level / behind", "verdict"]
     rows = []
     for c in comps:
         r = c["result"]
-        row = [c["method"], c["other"], f"{r.n_pairs} ({r.n_classes})", fmt(r.mean), _ci_cell(r, fmt), _p_cell(r),
-               f"{r.wins} / {r.ties} / {r.losses}", fmt(r.class_best), fmt(r.class_worst), _verdict(r, null)]
-        if speed:
-            row.append(f"{c['censored']} of {r.n_pairs + c['undefined']}")
-        rows.append(row)
-    floor = [P_FLOOR_NOTE] if any(_at_p_floor(c["result"]) for c in comps) else []
+        none = f"none ({r.n_classes} class{'es' if r.n_classes != 1 else ''})"
+        rows.append([c["method"], c["other"], f"{r.n_classes} ({r.n_pairs})", fmt(r.mean),
+                     _pair(r.ci_low, r.ci_high, fmt) if r.has_interval else none,
+                     _pair(r.t_low, r.t_high, fmt) if r.has_interval else none, _values(r, fmt),
+                     _p_cell(r.p_value, r.p_note), f"{r.wins} / {r.ties} / {r.losses}", _verdict(r, null)])
+    floor = [P_FLOOR_NOTE] if any(_at_p_floor(c["result"].p_value, c["result"].p_note) for c in comps) else []
     return "\n\n".join([_table(header, rows)] + floor)
 
 
-STATS_NOTE = (
-    "Paired statistics (`firm.stats`) over the (class, seed) cells both methods ran: the estimate is the mean over "
-    "classes of each class's mean difference; the 95 % interval is a hierarchical percentile bootstrap (10,000 "
-    "resamples of classes with replacement, then of seeds within each drawn class; fixed RNG seed); the Wilcoxon "
-    "signed-rank test (two-sided) runs on the same differences; a difference within 1e-4 is a tie. An interval that "
-    "reaches zero (to within 1e-4) reads \"not distinguishable from zero\". With one seed per class the interval "
-    "reflects the spread over classes only, not seed noise.")
+def _race_cell(c: dict) -> str:
+    race = c["race"]
+    return (f"{race.first} / {race.second} / {race.level} ({race.censored} censored); classes {race.classes_first} / "
+            f"{race.classes_second} / {race.classes_level}, p {_p_cell(race.p_value, race.p_note)}")
+
+
+def _speedup_cell(c: dict) -> str:
+    r = c["result"]
+    if r is None:
+        return "- (FIRM reached the target in no cell)"
+    return f"{_compact(r, _factor)} over {r.n_pairs} cells"
+
+
+def _speed_table(comps: list[dict]) -> str:
+    header = ["FIRM", "vs", "cells (classes)", "undefined, dropped",
+              "race, cells: FIRM first / other first / level (FIRM never reached); classes: FIRM first / other "
+              "first / level, sign test p", "speed-up where FIRM reached the target [95 % interval]"]
+    rows = [[c["method"], c["other"], f"{c['race'].n_cells} ({c['race'].n_classes})", str(c["undefined"]),
+             _race_cell(c), _speedup_cell(c)] for c in comps]
+    floor = [P_FLOOR_NOTE] if any(_at_p_floor(c["race"].p_value, c["race"].p_note) for c in comps) else []
+    return "\n\n".join([_table(header, rows)] + floor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
 
 
 def _section_title(dataset: str, eval_set: str, budget, several_budgets: bool) -> str:
@@ -402,6 +184,52 @@ def _section_title(dataset: str, eval_set: str, budget, several_budgets: bool) -
     if several_budgets:
         title += f", budget {budget} epochs" if budget is not None else ", budget not recorded"
     return title
+
+
+def _robustness_section(group: dict) -> list[str]:
+    """Every final scorer and ensemble: each FIRM comparison's gain with its cautious interval."""
+    pairs = list(dict.fromkeys((r["method"], r["other"]) for r in group["robustness"]))
+    settings = list(dict.fromkeys((r["scorer"], r["tta"]) for r in group["robustness"]))
+    if len(settings) < 2:
+        return []
+    cell = {(r["scorer"], r["tta"], r["method"], r["other"]): r["result"] for r in group["robustness"]}
+    rows = [[scorer, tta] + [_compact(cell[scorer, tta, m, o], _points) if (scorer, tta, m, o) in cell else "-"
+                             for m, o in pairs] for scorer, tta in settings]
+    ahead = {p: sum(1 for s in settings if (r := cell.get((*s, *p))) and r.has_interval and not r.covers_zero
+                    and r.mean > 0) for p in pairs}
+    behind = {p: sum(1 for s in settings if (r := cell.get((*s, *p))) and r.has_interval and not r.covers_zero
+                     and r.mean < 0) for p in pairs}
+    counts = "; ".join(f"{m} vs {o}: ahead under {ahead[m, o]}, behind under {behind[m, o]} of {len(settings)}"
+                       for m, o in pairs)
+    return ["### Robustness: the gain under every scorer and ensemble (AUROC points)", "",
+            "Mean gain over classes with the union of the bootstrap and t 95 % intervals (bold: both exclude zero); "
+            f"with fewer than {MIN_CLASSES} classes the class values instead. {counts}.", "",
+            _table(["scorer", "ensemble"] + [f"{m} - {o}" for m, o in pairs], rows), ""]
+
+
+def _selection_section(group: dict) -> list[str]:
+    """Last epoch (ours) beside the best test checkpoint (the authors' selection; optimistic)."""
+    sel = group["selection"]
+    if not sel:
+        return []
+    by = sorted({s for v in sel.values() for s in v["selected_by"]})
+    rows = [[m, f"{v['classes']} ({v['runs']})", f"{v['last']:.4f}", f"{v['best_test']:.4f}",
+             _points(v["best_test"] - v["last"])] for m, v in sel.items()]
+    gains = []
+    for c in group["comparisons"]:
+        if c["metric"] == "auroc":
+            best = find_comparison(group, c["method"], c["other"], "best_test")
+            gains.append([c["method"], c["other"], _compact(c["result"], _points),
+                          _compact(best["result"], _points) if best else "-"])
+    return ["### Last epoch against the best test checkpoint (cos1, no ensemble)", "",
+            "The authors evaluate on the test set during training and report the checkpoint with the best test "
+            f"AUROC; here that checkpoint is chosen by the test AUROC of {', '.join(by)} among the learning-curve "
+            "evaluations after epoch 0. It is optimistic (the test labels choose it), measured only to size the "
+            "selection effect, and never used to pick a model.", "",
+            _table(["method", "classes (runs)", "last epoch (ours)",
+                    "best test checkpoint (the authors' selection; optimistic)", "difference"], rows), "",
+            _table(["FIRM", "vs", "gain at the last epoch [95 % interval]",
+                    "gain at the best test checkpoints [95 % interval]"], gains), ""]
 
 
 def _dataset_section(group: dict, records: list[dict], several_budgets: bool) -> list[str]:
@@ -452,6 +280,8 @@ def _dataset_section(group: dict, records: list[dict], several_budgets: bool) ->
         srows.append([scorer, tta] + [_mean_std(class_means[m]) for m in methods])
     md += ["### Scorer robustness (mean over classes, ± std across classes)", "",
            _table(["scorer", "ensemble"] + methods, srows), ""]
+    md += _robustness_section(group)
+    md += _selection_section(group)
     if any(group["aulc"].values()):
         md += ["### Convergence", "",
                "AULC: area under the cos1 AUROC-vs-epoch curve, x scaled to [0, 1], Simpson's rule (epoch 0 = the "
@@ -461,52 +291,60 @@ def _dataset_section(group: dict, records: list[dict], several_budgets: bool) ->
         if by_metric["aulc"]:
             md += ["Gain of FIRM in AULC (points, paired as above):", "",
                    _comparison_table(by_metric["aulc"], _points, "zero", "mean AULC gain"), ""]
-        if by_metric["log_speedup"]:
-            md += ["Speed-up of FIRM: for each (class, seed) the target is the other method's final AUROC; the "
-                   "paired quantity is log(epochs the other method needs to first reach it / epochs FIRM needs), "
-                   "shown as a factor (exp of the mean log-ratio: a geometric-mean speed-up; 1x = as fast). Where "
-                   "FIRM never reaches the target its epochs count as the full budget, a bound in FIRM's favour "
-                   "(last column).", "",
-                   _comparison_table(by_metric["log_speedup"], _factor, "1x", "speed-up", speed=True), ""]
+        if by_metric["speed"]:
+            md += [SPEED_NOTE, "", _speed_table(by_metric["speed"]), ""]
     return md
 
 
 def _ladder_section(stats: dict, paper: dict, changes: dict[tuple, tuple[int, PairedResult]]) -> list[str]:
     md = ["## Budget ladder: FIRM's gain and speed-up against the training budget", "",
-          "Each budget is its own set of runs (same classes and seeds); gains and speed-ups pair cells within a "
-          "budget. Whether the gap grows is the *change in gain*: each (class, seed) cell's gain at this budget "
-          "minus its gain at the smallest budget, over the cells that ran both methods at both budgets, with the "
-          "same interval and Wilcoxon p as the gain (with few classes a percentile bootstrap interval is too narrow "
-          "and the p-value has a floor, so read both together). `ladder.png` plots the AUROC gain (95 % interval) and "
-          "the speed-up against the budget, with the "
-          f"paper's CIFAR-10 claims at {paper['budget']:,} epochs beside them: whether the trend reaches them "
-          "is an extrapolation for the reader to judge.", ""]
+          "Each budget is its own set of runs (same classes and seeds); gains and races pair cells within a budget. "
+          "Whether the gap grows is the *change in gain*: each (class, seed) cell's gain at this budget minus its "
+          "gain at the smallest budget, over the cells that ran both methods at both budgets, with the same "
+          f"statistics as the gain (with fewer than {MIN_CLASSES} classes: the class values, no interval). "
+          "`ladder.png` plots the AUROC gain and the speed-up against the budget (bars: the 95 % interval, or the "
+          f"range of the class values with fewer than {MIN_CLASSES} classes), with the paper's CIFAR-10 claims at "
+          f"{paper['budget']:,} epochs beside them: whether the trend reaches them is an extrapolation for the reader "
+          "to judge.", ""]
 
     def order(gc):
         g, c = gc
         return g["dataset"], g["eval_set"], c["method"], c["other"], g["budget"]
 
     rows, floored = [], False
-    for g, c in sorted(_ladder_pairs(stats), key=order):
+    for g, c in sorted(ladder_pairs(stats), key=order):
         r = c["result"]
-        speed = _find(g, c["method"], c["other"], "log_speedup")
-        speed_cell = (f"{_factor(speed['result'].mean)} {_ci_cell(speed['result'], _factor)}"
-                      + (f", {speed['censored']} censored" if speed["censored"] else "")) if speed else "-"
-        change = changes.get(_change_key(g, c))
-        floored = floored or bool(change and _at_p_floor(change[1]))
-        change_cell = (f"{_points(change[1].mean)} {_ci_cell(change[1], _points)}, p {_p_cell(change[1])}, "
+        speed = find_comparison(g, c["method"], c["other"], "speed")
+        change = changes.get(change_key(g, c))
+        floored = floored or _at_p_floor(r.p_value, r.p_note) or bool(
+            change and _at_p_floor(change[1].p_value, change[1].p_note))
+        change_cell = (f"{_compact(change[1], _points)}, p {_p_cell(change[1].p_value, change[1].p_note)}, "
                        f"{change[1].wins} / {change[1].ties} / {change[1].losses} (from {change[0]})") if change else "-"
         rows.append([f"{g['dataset']} ({g['eval_set']})", str(g["budget"]), c["method"], c["other"],
-                     f"{r.n_pairs} ({r.n_classes})", f"{_points(r.mean)} {_ci_cell(r, _points)}",
-                     _verdict(r, "zero"), change_cell, speed_cell])
+                     f"{r.n_classes} ({r.n_pairs})", _compact(r, _points), _p_cell(r.p_value, r.p_note),
+                     _verdict(r, "zero"), change_cell, _race_cell(speed) if speed else "-",
+                     _speedup_cell(speed) if speed else "-"])
     for other, gain in paper["gain_points"].items():
         rows.append([f"{paper['dataset']} (paper)", f"{paper['budget']:,}", "firm", other,
-                     f"10 classes x {paper['seeds']} seeds", f"{gain:+.1f}", "(as reported)", "-",
+                     f"10 x {paper['seeds']} seeds", f"{gain:+.1f}", "-", "(as reported)", "-", "-",
                      f"about {paper['speedup'][other]:.0f}x"])
-    md += [_table(["dataset", "budget (epochs)", "FIRM", "vs", "pairs (classes)", "AUROC gain, points [95 % CI]",
-                   "verdict", "change in gain [95 % CI], Wilcoxon p, grew / same / shrank", "speed-up [95 % CI]"],
-                  rows), ""]
+    md += [_table(["dataset", "budget (epochs)", "FIRM", "vs", "classes (pairs)", "AUROC gain, points",
+                   "Wilcoxon p (classes)", "verdict", "change in gain, Wilcoxon p, classes grew / same / shrank",
+                   "race to the other's final AUROC (cells FIRM / other / level; classes)",
+                   "speed-up where FIRM reached it"], rows), ""]
     return md + ([P_FLOOR_NOTE, ""] if floored else [])
+
+
+def _comparison_text(c: dict) -> str:
+    if c["metric"] == "speed":
+        race = c["race"].text("FIRM", c["other"])
+        speed = c["result"].text(_factor, "1x") if c["result"] else "no cell where FIRM reached the target"
+        return f"race: {race}; {c['undefined']} cells undefined; speed-up where FIRM reached it: {speed}"
+    return c["result"].text(_points, "zero")
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
 
 
 def _save(fig, path: Path) -> None:
@@ -535,7 +373,7 @@ def _plot_curves(curves: dict, path: Path, per_class: bool) -> None:
     rows = math.ceil(len(panels) / cols) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        for method in _method_order(groups[panel]):
+        for method in method_order(groups[panel]):
             runs = groups[panel][method]
             common = sorted(set.intersection(*[set(e) for e, _ in runs]))
             mean = [statistics.mean(v[e.index(x)] for e, v in runs) for x in common]
@@ -553,18 +391,20 @@ def _plot_curves(curves: dict, path: Path, per_class: bool) -> None:
 
 
 def _plot_ladder(ladder: dict, path: Path) -> None:
-    """AUROC gain and speed-up (each with its 95 % interval) against the budget, one line per
-    comparison, one row of two panels per dataset and evaluation set; the paper's claims as stars."""
+    """AUROC gain and speed-up against the budget, one line per comparison, one row of two panels per
+    dataset and evaluation set; bars: the union of the two 95 % intervals, or the range of the class
+    values with too few classes for an interval; the paper's claims as stars."""
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter
 
-    def bars(line: list[dict], key: str, transform) -> tuple[list, list, list]:
+    def bars(stats: list[dict], transform) -> tuple[list, list, list]:
         mid, low, high = [], [], []
-        for r in line:
-            s = r[key]
+        for s in stats:
             m = transform(s["mean"])
-            lo = transform(s["ci_low"]) if s["ci_low"] is not None else m
-            hi = transform(s["ci_high"]) if s["ci_high"] is not None else m
+            if s["ci_low"] is None:  # too few classes for an interval: the range of the class values
+                lo, hi = transform(s["class_worst"]), transform(s["class_best"])
+            else:
+                lo, hi = transform(min(s["ci_low"], s["t_low"])), transform(max(s["ci_high"], s["t_high"]))
             mid.append(m)
             low.append(m - lo)
             high.append(hi - m)
@@ -578,13 +418,13 @@ def _plot_ladder(ladder: dict, path: Path) -> None:
         colour = {}  # the colour of the first line against each loss: the paper's star for it matches
         for method, other in sorted({(r["method"], r["other"]) for r in rows}):
             line = sorted((r for r in rows if (r["method"], r["other"]) == (method, other)), key=lambda r: r["budget"])
-            mid, low, high = bars(line, "auroc_gain", lambda x: 100 * x)
+            mid, low, high = bars([r["auroc_gain"] for r in line], lambda x: 100 * x)
             drawn = ax_gain.errorbar([r["budget"] for r in line], mid, yerr=[low, high], marker="o", capsize=3,
                                      label=f"{method} vs {other}")
             colour.setdefault(other.partition("/")[0], drawn.lines[0].get_color())
-            timed = [r for r in line if r["log_speedup"]]
+            timed = [r for r in line if r["speed"] and r["speed"]["log_speedup"]]
             if timed:
-                mid, low, high = bars(timed, "log_speedup", math.exp)
+                mid, low, high = bars([r["speed"]["log_speedup"] for r in timed], math.exp)
                 ax_speed.errorbar([r["budget"] for r in timed], mid, yerr=[low, high], marker="o", capsize=3,
                                   color=drawn.lines[0].get_color(), label=f"{method} vs {other}")
         paper = ladder["paper"]
@@ -600,7 +440,7 @@ def _plot_ladder(ladder: dict, path: Path) -> None:
         ax_speed.set_yscale("log")
         ax_speed.yaxis.set_major_formatter(ScalarFormatter())
         ax_speed.yaxis.set_minor_formatter(NullFormatter())
-        for ax, ylabel in ((ax_gain, "AUROC gain of FIRM, points (95 % CI)"), (ax_speed, "speed-up of FIRM, x (95 % CI)")):
+        for ax, ylabel in ((ax_gain, "AUROC gain of FIRM, points"), (ax_speed, "speed-up of FIRM where it reached, x")):
             ax.set_xscale("log")
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -643,20 +483,21 @@ def _wall_time(runs: list[dict]) -> str:
 
 
 def write_report(out_dir: str | Path, command: str = "") -> Path:
-    """Write ``results.json`` (``records``, ``comparisons``, ``per_class``, ``ladder``),
-    ``report.md``, ``curves.png``, ``curves_per_class.png`` and, with several budgets,
-    ``ladder.png``."""
+    """Write ``results.json`` (``records``, ``comparisons``, ``robustness``, ``selection``,
+    ``per_class``, ``ladder``), ``report.md``, ``curves.png``, ``curves_per_class.png`` and, with
+    several budgets, ``ladder.png``."""
     out = Path(out_dir)
     runs, records = load_runs(out)
     if not records:
-        write_json(out / RESULTS, {"records": [], "comparisons": [], "per_class": [], "ladder": None})
+        write_json(out / RESULTS, {"records": [], "comparisons": [], "robustness": [], "selection": [],
+                                   "per_class": [], "ladder": None})
         atomic_write(out / BENCH_REPORT, "# firm bench\n\nNo finished runs yet.\n")
         return out / BENCH_REPORT
     stats = bench_statistics(records)
-    changes = _gain_changes(stats)
-    ladder = _ladder_json(stats, changes)
-    write_json(out / RESULTS, _clean({"records": records, "methods": stats["methods"], **_statistics_json(stats),
-                                             "ladder": ladder}))
+    changes = gain_changes(stats)
+    ladder = ladder_json(stats, changes)
+    write_json(out / RESULTS, _clean({"records": records, "methods": stats["methods"],
+                                      **statistics_json(stats, _comparison_text), "ladder": ladder}))
     md = ["# firm bench report", ""]
     if command:
         md += [f"Command: `{command}`", ""]
@@ -679,7 +520,7 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
     curves = learning_curves(records)
     if several:  # one line per method and budget
         curves = {}
-        for b in _budget_groups(records):
+        for b in budget_groups(records):
             for k, v in learning_curves([r for r in records if r.get("budget") == b]).items():
                 curves[k[:3] + (f"{k[3]} ({b} ep.)", k[4])] = v
     _plot_curves(curves, out / "curves.png", per_class=False)
