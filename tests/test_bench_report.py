@@ -262,3 +262,31 @@ def test_budget_ladder_shows_only_the_paper_claims_for_losses_that_ran(tmp_path)
     assert "| cifar10 (paper) | 2,000 | firm | rotsupcon |" not in text
     paper = read_results(tmp_path / "results.json")["ladder"]["paper"]  # what ladder.png draws as stars
     assert paper["gain_points"] == {"ntxent": 6.2} and set(paper["speedup"]) == {"ntxent"}
+
+
+def test_robustness_table_and_best_test_checkpoint(tmp_path):
+    # five classes, one seed: FIRM ends 2 points above NT-Xent under cos1 in every class and 1 point
+    # below it under kde; FIRM's curve peaks at epoch 4, 3 points above its last epoch
+    e = [0, 2, 4, 6, 8]
+    results = []
+    for c in range(5):
+        v = 0.6 + 0.05 * c
+        results.append(run_result(c, "firm", 0, e, [0.5, v, v + 0.03, v + 0.01, v], extra_final=[("kde", v - 0.01)]))
+        results.append(run_result(c, "ntxent", 0, e, [0.5, v - 0.04, v - 0.03, v - 0.02, v - 0.02],
+                                  extra_final=[("kde", v)]))
+    write_runs(tmp_path, results)
+    text = write_report(tmp_path).read_text()
+    results = read_results(tmp_path / "results.json")
+    robust = {r["scorer"]: r for r in results["robustness"]}
+    assert robust["cos1"]["mean"] == pytest.approx(0.02) and robust["kde"]["mean"] == pytest.approx(-0.01)
+    assert robust["kde"]["verdict"] == "below zero"
+    assert "| kde | none | **-1.00 [-1.00, -1.00]** |" in text
+    assert "firm vs ntxent: ahead under 1, behind under 1 of 2" in text
+    # the authors' selection: the best test cos1 AUROC of each curve (cos5/angled is not recorded)
+    selection = {r["method"]: r for r in results["selection"]}
+    assert selection["firm"]["best_test"] - selection["firm"]["last"] == pytest.approx(0.03)
+    assert selection["ntxent"]["best_test"] == pytest.approx(selection["ntxent"]["last"])
+    assert selection["firm"]["selected_by"] == ["cos1/none"]
+    best = next(c for c in results["comparisons"] if c["metric"] == "best_test")
+    assert best["mean"] == pytest.approx(0.05)
+    assert "best test checkpoint (the authors' selection; optimistic)" in text
