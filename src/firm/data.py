@@ -22,7 +22,7 @@ from torch import Tensor
 __all__ = [
     "ImageSet", "DATASETS", "canonical_dataset",
     "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images", "as_nchw",
-    "load_image_folder", "find_images", "image_shape", "is_paths", "image_sides", "median_side", "read_images",
+    "load_image_folder", "eight_bit", "find_images", "image_shape", "is_paths", "image_sides", "median_side", "read_images",
     "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
 ]
 
@@ -331,6 +331,53 @@ def find_images(paths: list[str | os.PathLike] | str | os.PathLike) -> list[Path
     return found
 
 
+def _deep_pixels(im) -> np.ndarray | None:
+    """The pixels of a decoded file of more than 8 bits per channel at their real depth, ``(H,
+    W)`` or ``(H, W, C)``; None for 8-bit images. Pillow decodes 16-bit colour to its high bytes,
+    so such a file is decoded a second time with the byte order swapped, which gives the low bytes."""
+    from PIL import Image
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return np.asarray(im)
+    raw = [t.args if isinstance(t.args, str) else t.args[0] for t in (im.tile or [])]
+    if not raw or not all(isinstance(r, str) and r[-4:] in (";16B", ";16L") for r in raw) or not im.filename:
+        return None
+    swapped = [t._replace(args=_swap_order(t.args)) for t in im.tile]
+    high = np.asarray(im).astype(np.uint16)
+    try:
+        with Image.open(im.filename) as low:
+            low.tile = swapped
+            return high * 256 + np.asarray(low).astype(np.uint16)
+    except (OSError, ValueError):  # a decoder that cannot swap: the high bytes alone still span the range
+        return high * 256
+
+
+def _swap_order(args):
+    flip = {";16B": ";16L", ";16L": ";16B"}
+    if isinstance(args, str):
+        return args[:-4] + flip[args[-4:]]
+    return (args[0][:-4] + flip[args[0][-4:]], *args[1:])
+
+
+def eight_bit(im, channels: int = 3):
+    """A decoded image file (PIL) as 8-bit grey (``channels`` 1) or RGB.
+
+    Files of more than 8 bits per channel (16-bit grey or colour PNG and TIFF, 32-bit integer or
+    float TIFF) are read at their real depth and scaled by their own range: the image's darkest
+    value becomes 0 and its brightest 255 (a flat image reads as black). So a 12-bit camera
+    image stored in 16 bits keeps its contrast, but brightness is not compared between such
+    images. 8-bit files are converted as they are."""
+    from PIL import Image
+    deep = _deep_pixels(im)
+    if deep is not None:
+        deep = (deep[..., :3] if deep.ndim == 3 else deep).astype(np.float64)  # alpha dropped, as for 8-bit files
+        finite = deep[np.isfinite(deep)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        deep = np.nan_to_num(deep, nan=lo, posinf=hi, neginf=lo)
+        scaled = (deep - lo) * (255 / (hi - lo) if hi > lo else 0.0)
+        im = Image.fromarray(np.round(scaled).astype(np.uint8))
+    return im.convert("RGB" if channels == 3 else "L")
+
+
 def load_image_folder(paths, size: int | tuple[int, int] = 32, channels: int = 3, label: int = 0,
                       name: str = "") -> ImageSet:
     """Read image files (folders are searched recursively) into an :class:`ImageSet`.
@@ -346,7 +393,7 @@ def load_image_folder(paths, size: int | tuple[int, int] = 32, channels: int = 3
     for f in files:
         try:
             with Image.open(f) as im:
-                im = im.convert("RGB" if channels == 3 else "L")
+                im = eight_bit(im, channels)
                 im = im.resize((width, height), Image.BILINEAR, reducing_gap=None)
                 arr = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
