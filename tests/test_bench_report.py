@@ -290,3 +290,27 @@ def test_robustness_table_and_best_test_checkpoint(tmp_path):
     best = next(c for c in results["comparisons"] if c["metric"] == "best_test")
     assert best["mean"] == pytest.approx(0.05)
     assert "best test checkpoint (the authors' selection; optimistic)" in text
+
+
+def test_best_test_checkpoint_never_feeds_the_returned_model():
+    from firm.bench_stats import best_checkpoint
+    from firm.config import apply_overrides, preset
+    from firm.runner import run
+    settings = apply_overrides(preset("cpu"), {
+        "dataset": "digits", "normal_class": "3", "width": 4, "head_hidden": 16, "head_layers": 1, "epochs": 3,
+        "batch_size": 16, "train_images": 24, "device": "cpu", "eval_every": 1, "scorers": ["cos1"],
+        "final_tta": ["none"], "curve_scorers": ["cos1", "cos5"], "curve_tta": ["none", "angled"]})
+    outcome = run(settings, progress=False, log=lambda _: None)
+    curve = [r for r in outcome.records if not r["final"]]
+    # the authors' curve: every curve scorer under every curve ensemble, before training and after each epoch
+    assert {(r["scorer"], r["tta"], r["epoch"]) for r in curve} == {
+        (s, m, e) for s in ("cos1", "cos5") for m in ("none", "angled") for e in range(4)}
+    # the final figure is the last epoch's model, whatever epoch the test labels would have chosen
+    final = next(r for r in outcome.records if r["final"] and (r["scorer"], r["tta"]) == ("cos1", "none"))
+    last = next(r for r in curve if (r["scorer"], r["tta"], r["epoch"]) == ("cos1", "none", 3))
+    assert final["auroc"] == pytest.approx(last["auroc"], abs=1e-9) and final["epoch"] == 3
+    records = [{**r, "method": r["loss"]} for r in outcome.records]
+    best = best_checkpoint(records)
+    ((auroc, selected_by),) = best.values()
+    assert selected_by == "cos5/angled"
+    assert auroc in {r["auroc"] for r in curve if (r["scorer"], r["tta"]) == ("cos1", "none") and r["epoch"] > 0}

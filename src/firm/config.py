@@ -137,7 +137,8 @@ class TrainConfig(_Group):
     checkpoint_every: int = 10
     """epochs between checkpoints (and at the end); 0 = only at the end of a run folder's training"""
     eval_every: int = 100
-    """log the evaluation-split cos1 AUROC every N epochs (a learning curve, never used to choose the model); 0 = off"""
+    """evaluate the curve scorers on the evaluation split every N epochs (a learning curve, never used to choose the
+    model); 0 = off"""
     crop_scale: tuple[float, float] = (0.25, 1.0)
     """scale range of the random resized crop of the training views"""
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4)
@@ -158,6 +159,10 @@ class EvalConfig(_Group):
     """scorers evaluated at the end of a run (all = every registered scorer)"""
     final_tta: list[str] = field(default_factory=lambda: ["none", "angled", "ensemble"])
     """test-time ensembles evaluated at the end of a run"""
+    curve_scorers: list[str] = field(default_factory=lambda: ["cos1"])
+    """scorers of the learning curve (the authors': cos1,cos5,cos1_norm,cos5_norm,kde,center)"""
+    curve_tta: list[str] = field(default_factory=lambda: ["none"])
+    """test-time ensembles of the learning curve (the authors': none,angled)"""
     center_crop: float = 32 / 36
     """test-time zoom: resize to size / center_crop, then centre-crop size (the authors: 36 -> 32); 1 = none"""
     ensemble_crops: int = 10

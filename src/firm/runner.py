@@ -22,7 +22,7 @@ from .evaluation import evaluate_scorers
 from .features import TTA_MODES
 from .losses import resolve_mode
 from .models import Encoder, check_model_config
-from .scoring import SCORERS
+from .scoring import SCORERS, scorer_names
 from .shifts import choose_shifts
 from .training import Trainer, TrainFiles, check_train_config, machine_info
 
@@ -37,14 +37,19 @@ def final_scorers(config: EvalConfig) -> list[str]:
     return list(SCORERS) if "all" in config.scorers else list(config.scorers)
 
 
+def _curve_key(eval_set: str, scorer: str, tta: str) -> str:
+    """The epoch-log key of one learning-curve AUROC (cos1 without an ensemble keeps the key older logs use)."""
+    return f"auroc_{eval_set}" if (scorer, tta) == ("cos1", "none") else f"auroc_{eval_set}_{scorer}_{tta}"
+
+
 def validate(settings: Settings) -> None:
     """Refuse unknown names and impossible values, naming the setting; reads no image."""
     check_train_config(settings.train)
     e, m, d = settings.eval, settings.model, settings.data
-    for name in [e.scorer, *final_scorers(e)]:
+    for name in [e.scorer, *final_scorers(e), *e.curve_scorers]:
         if name not in SCORERS:
             raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
-    for name in [e.tta, *e.final_tta]:
+    for name in [e.tta, *e.final_tta, *e.curve_tta]:
         if name not in TTA_MODES:
             raise ValueError(f"unknown test-time ensemble {name!r}; choose from {', '.join(TTA_MODES)}")
     if not 0 < e.center_crop <= 1:
@@ -170,8 +175,9 @@ class RunOutcome:
 
 def run(settings: Settings, cache: DataCache | None = None, files: TrainFiles | None = None, resume: bool = False,
         final_eval: bool = True, progress: bool = True, log: Callable[[str], None] = print) -> RunOutcome:
-    """Train one run and evaluate it: a learning curve (cos1 AUROC every ``eval_every`` epochs)
-    and, with ``final_eval``, every final scorer under every final ensemble.
+    """Train one run and evaluate it: a learning curve (the AUROC of every curve scorer under every
+    curve ensemble, every ``eval_every`` epochs) and, with ``final_eval``, every final scorer under every
+    final ensemble. The curve is recorded only: the model evaluated and returned is the last epoch's.
 
     Each record holds the run's identity (dataset, normal class, loss, layout, seed, budget),
     ``eval_set``, ``scorer``, ``tta``, ``epoch``, ``final`` and ``auroc``.
@@ -188,8 +194,9 @@ def run(settings: Settings, cache: DataCache | None = None, files: TrainFiles | 
     def curve(model: Encoder, epoch: int) -> dict:
         out = {}
         for name, images, y in scored:
-            recs, _ = evaluate_scorers(model, data.normal.images, images.images, y, ["cos1"], "none", config=e)
-            out[f"auroc_{name}"] = recs[0]["auroc"]
+            recs, _ = evaluate_scorers(model, data.normal.images, images.images, y, list(e.curve_scorers),
+                                       list(e.curve_tta), config=e)
+            out.update({_curve_key(name, r["scorer"], r["tta"]): r["auroc"] for r in recs})
         return out
 
     trained = train_encoder(settings, data.normal.images, data.class_labels, data.auxiliary, files, resume,
@@ -198,8 +205,10 @@ def run(settings: Settings, cache: DataCache | None = None, files: TrainFiles | 
     start -= trained.seconds_before_resume
     train_seconds = time.perf_counter() - start
     # The learning curve is read back from the epoch log, so a resumed run keeps its early points.
-    records = [{**base, "eval_set": name, "scorer": "cos1", "tta": "none", "epoch": h["epoch"], "final": False,
-                "auroc": h[f"auroc_{name}"]} for h in trained.history for name, _, _ in scored if f"auroc_{name}" in h]
+    curves = [(s, m) for m in e.curve_tta for s in scorer_names(e.curve_scorers)]
+    records = [{**base, "eval_set": name, "scorer": s, "tta": m, "epoch": h["epoch"], "final": False, "auroc": h[key]}
+               for h in trained.history for name, _, _ in scored for s, m in curves
+               if (key := _curve_key(name, s, m)) in h]
     if final_eval:
         for name, images, y in scored:
             recs, _ = evaluate_scorers(trained.encoder, data.normal.images, images.images, y, final_scorers(e),
