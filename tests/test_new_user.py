@@ -329,3 +329,16 @@ def test_the_report_names_images_by_folder_and_file_and_the_folders_evaluated(fi
     paths = ["/data/a/test/seven/000.png", "/data/a/test/nine/000.png", "/data/b/test/nine/000.png"]
     assert short_names(paths) == ["a/test/seven/000.png", "a/test/nine/000.png", "b/test/nine/000.png"]
     assert short_names(paths[:2]) == ["seven/000.png", "nine/000.png"]
+
+
+# --------------------------------------------------------------- the README's two commands
+def test_the_readme_test_command_has_its_own_fresh_environment_and_ci_runs_exactly_it():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## The two commands"):]
+    demo, tests = [block.strip() for block in section.split("```bash")[1:3]]
+    demo, tests = demo.split("```")[0].strip(), tests.split("```")[0].strip()
+    assert ". .venv/bin/activate" in demo and "firm demo" in demo
+    assert tests.startswith("python3 -m venv --clear .venv-test && . .venv-test/bin/activate") and ".venv/" not in tests
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == tests
