@@ -342,3 +342,17 @@ def test_the_readme_test_command_has_its_own_fresh_environment_and_ci_runs_exact
     assert tests.startswith("python3 -m venv --clear .venv-test && . .venv-test/bin/activate") and ".venv/" not in tests
     ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == tests
+
+
+def test_demo_says_when_it_reused_finished_runs(tmp_path, monkeypatch, capsys):
+    import firm.bench
+
+    def finished(specs, settings, out, preset, progress, log):
+        for spec in specs[:3]:
+            log(f"skip {spec.key} (done)")
+        return [{"loss": s.loss, "normal_class": s.normal_class, "total_seconds": 1.0,
+                 "records": [{"final": True, "scorer": "cos1", "tta": "none", "auroc": 0.9}]} for s in specs]
+    monkeypatch.setattr(firm.bench, "run_grid", finished)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "reused 3 of 20 runs finished earlier" in out

@@ -426,8 +426,12 @@ def cmd_demo(args) -> None:
     from .serialization import write_json
     settings = apply_overrides(preset("demo"), {"epochs": args.epochs})
     specs = plan_grid(settings, ["digits"], None, ["firm", "ntxent"], [0])
+    reused = []
     results = run_grid(specs, settings, args.out, "demo", progress=_progress(args),
-                       log=lambda m: None if m.startswith("skip") else print(m))
+                       log=lambda m: reused.append(m) if m.startswith("skip") else print(m))
+    if reused:
+        print(f"reused {len(reused)} of {len(specs)} runs finished earlier in {args.out} (not trained again; remove "
+              "the folder or pass another --out to train them anew)")
     final = {(r["loss"], r["normal_class"]): x["auroc"] for r in results for x in r["records"]
              if x["final"] and x["scorer"] == "cos1" and x["tta"] == "none"}
     means = {loss: sum(values) / len(values) for loss in ("firm", "ntxent")
