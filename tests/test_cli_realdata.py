@@ -73,7 +73,7 @@ def test_train_then_evaluate_from_the_command_line(tmp_path, capsys):
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2]  # epoch 0: the untrained encoder's point of the curve
     assert "loss" not in log[0] and all(r["loss"] > 0 for r in log[1:])
-    assert main(["evaluate", str(run), "--scorers", "cos1,kde", "--tta", "none", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--scorers", "cos1,kde", "--final-tta", "none", "--quiet"]) == 0
     records = json.loads((run / "results.json").read_text())
     assert [(r["loss"], r["scorer"], r["tta"]) for r in records] == [("firm", "cos1", "none"), ("firm", "kde", "none")]
     import csv

@@ -7,7 +7,7 @@ import yaml
 
 from firm import cli
 from firm.config import (GROUPS, PRESETS, DataConfig, DetectorConfig, EvalConfig, ModelConfig, Settings, SettingsError,
-                         TrainConfig, apply_overrides, dump_yaml, load_yaml, preset, settings_from_dict)
+                         TrainConfig, apply_overrides, check_ranges, dump_yaml, preset, settings_from_dict)
 from firm.rundir import read_run_settings, write_run_settings
 
 
@@ -22,10 +22,8 @@ def _changed() -> Settings:
 
 
 @pytest.mark.parametrize("settings", [Settings(), _changed(), *PRESETS.values()], ids=["defaults", "changed", *PRESETS])
-def test_yaml_round_trip(settings, tmp_path):
-    path = tmp_path / "s.yaml"
-    path.write_text(dump_yaml(settings))
-    loaded = load_yaml(path)
+def test_yaml_round_trip(settings):
+    loaded = settings_from_dict(yaml.safe_load(dump_yaml(settings)))
     assert loaded == settings
     assert isinstance(loaded.train.crop_scale, tuple) and isinstance(loaded.data.ood, list)
 
@@ -37,35 +35,46 @@ def test_run_json_round_trip(settings, tmp_path):
     assert loaded == settings and extra == {"normal_dir": ["/images"]}
 
 
-def test_flat_nested_and_mixed_yaml(tmp_path):
-    nested = tmp_path / "nested.yaml"
-    nested.write_text("model:\n  width: 8\n  head_out: 32\ntrain:\n  epochs: 3\n  shifts: [rotation, hflip]\n")
-    flat = tmp_path / "flat.yaml"
-    flat.write_text("width: 8\nhead_out: 32\nepochs: 3\nshifts: rotation,hflip\n")
-    mixed = tmp_path / "mixed.yaml"
-    mixed.write_text("model: {width: 8}\nhead_out: 32\ntrain: {epochs: 3}\nshifts: [rotation, hflip]\n")
-    expected = apply_overrides(Settings(), {"width": 8, "head_out": 32, "epochs": 3, "shifts": ["rotation", "hflip"]})
-    for path in (nested, flat, mixed):
-        assert load_yaml(path) == expected, path.name
-    # a base other than the defaults: only the given values change
-    assert load_yaml(flat, base=preset("cpu")) == apply_overrides(preset("cpu"), {"width": 8, "head_out": 32, "epochs": 3,
-                                                                                 "shifts": ["rotation", "hflip"]})
+@pytest.mark.parametrize("text", [
+    "model:\n  width: 8\n  head_out: 32\ntrain:\n  epochs: 3\n  shifts: [rotation, hflip]\n",
+    "width: 8\nhead_out: 32\nepochs: 3\nshifts: rotation,hflip\n",
+    "model: {width: 8}\nhead_out: 32\ntrain: {epochs: 3}\nshifts: [rotation, hflip]\n",
+], ids=["nested", "flat", "mixed"])
+def test_cli_config_file_flat_nested_and_mixed(text, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    _, settings = cli._parse(cli.build_parser(), ["train", "--config", str(path)])
+    # the preset is the base: only the file's values change
+    assert settings == apply_overrides(preset("cpu"), {"width": 8, "head_out": 32, "epochs": 3,
+                                                       "shifts": ["rotation", "hflip"]})
 
 
-def test_unknown_keys_and_bad_values_are_named(tmp_path):
-    cases = {"model:\n  widht: 8\n": "widht", "epoks: 3\n": "epoks", "trian:\n  epochs: 3\n": "trian",
-             "epochs: three\n": "epochs", "amp: maybe\n": "amp", "model: 8\n": "model"}
-    for n, (text, name) in enumerate(cases.items()):
-        path = tmp_path / f"bad{n}.yaml"
-        path.write_text(text)
-        with pytest.raises(SettingsError, match=name):
-            load_yaml(path)
+def test_unknown_keys_and_bad_values_are_named():
     with pytest.raises(SettingsError, match="widht"):
         settings_from_dict({"model": {"widht": 8}})
+    with pytest.raises(SettingsError, match="trian"):
+        settings_from_dict({"trian": {"epochs": 3}})
     with pytest.raises(SettingsError, match="no_such_setting"):
         apply_overrides(Settings(), {"no_such_setting": 1})
-    with pytest.raises(SettingsError, match="does not exist"):
-        load_yaml(tmp_path / "missing.yaml")
+    for name, value in (("epochs", "three"), ("amp", "maybe")):
+        with pytest.raises(SettingsError, match=name):
+            apply_overrides(Settings(), {name: value})
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("image_size", 1, ">= 2"), ("batch_size", 1, ">= 2"), ("warmup", 1.0, r"in \(0, 1\)"),
+    ("ocsvm_nu", 0.0, r"in \(0, 1\]"), ("holdout", 1.0, r"in \[0, 1\)"), ("crop_scale", (0.9, 0.2), "low <= high"),
+    ("in_channels", 2, "1 \\(grey\\) or 3"), ("frozen_stages", 5, r"in \[0, 4\]"), ("contamination", 0.0, r"in \(0, 1\)"),
+])
+def test_ranges_name_the_setting_and_its_range(name, value, message):
+    check_ranges(Settings())
+    with pytest.raises(SettingsError, match=f"{name}.*{message}"):
+        check_ranges(apply_overrides(Settings(), {name: value}))
+
+
+def test_every_preset_is_in_range():
+    for settings in PRESETS.values():
+        check_ranges(settings)
 
 
 def test_every_field_name_is_unique_across_groups():

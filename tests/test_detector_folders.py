@@ -75,7 +75,7 @@ def user_path(tmp_path_factory):
     assert main(["score", "--model", str(model), str(dirs["test_normal"]), str(dirs["anomalies"]),
                  "--out", str(scores_csv), "--quiet"]) == 0
     assert main(["evaluate", "--model", str(model), "--normal-dir", str(dirs["test_normal"]), "--anomaly-dir",
-                 str(dirs["anomalies"]), "--scorers", "cos1,cos5,kde", "--tta", "none", "--quiet"]) == 0
+                 str(dirs["anomalies"]), "--scorers", "cos1,cos5,kde", "--final-tta", "none", "--quiet"]) == 0
     assert main(["report", str(model), "--quiet"]) == 0
     assert main(["export", "--model", str(model)]) == 0
     return {"root": root, "model": model, "scores_csv": scores_csv, "fit_warnings": fit_warnings, **dirs}

@@ -102,7 +102,7 @@ def test_evaluate_mask_dir_pixel_auroc(model, data, tmp_path, capsys):
     _, folder = model
     root = data["root"]
     assert main(["evaluate", "--model", str(folder), "--normal-dir", str(root / "test/good"), "--anomaly-dir",
-                 str(root / "test/defect"), "--mask-dir", str(root / "ground_truth"), "--tta", "none",
+                 str(root / "test/defect"), "--mask-dir", str(root / "ground_truth"), "--final-tta", "none",
                  "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
     records = json.loads((tmp_path / "results.json").read_text())

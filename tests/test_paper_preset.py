@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from firm.config import preset
-from firm.losses import resolve_mode
+from firm.losses import AUTHORS_MODE
 from firm.models import Encoder
 from firm.training import Trainer
 
@@ -52,18 +52,7 @@ def test_warmup_is_one_percent(lrs):
     assert lrs[20] < peak * 0.99
 
 
-def test_pytorch_default_warmup_would_still_be_rising_at_ten_percent(lrs):
-    """The old setting (PyTorch's 30 %) differs visibly at 10 % of training: the test above can fail."""
-    peak = preset("paper").train.lr
-    assert _one_cycle(20, peak, 0.3) < 0.5 * lrs[20]
-
-
-def test_paper_layouts_per_loss():
-    mode = preset("paper").train.loss_mode
-    assert {loss: resolve_mode(loss, mode) for loss in ("firm", "ntxent", "supcon", "rotsupcon")} == {
-        "firm": "pairwise", "ntxent": "pairwise", "supcon": "concat", "rotsupcon": "concat"}
-
-
-def test_paper_trains_in_float32_with_the_authors_optimiser():
+def test_paper_trains_in_float32_with_the_authors_optimiser_and_layouts():
     t = preset("paper").train
     assert (t.amp, t.lr, t.momentum, t.weight_decay, t.batch_size, t.epochs, t.tau) == (False, 0.01, 0.9, 3e-4, 32, 2000, 0.2)
+    assert t.loss_mode == AUTHORS_MODE  # each loss in its authors' layout (test_losses.py pins which)

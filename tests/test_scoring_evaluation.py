@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from firm.config import EvalConfig
-from firm.evaluation import aulc, auroc, epochs_to_reach, evaluate_scorers, speedup
+from firm.evaluation import aulc, auroc, epochs_to_reach, evaluate_scorers
 from firm.features import TTA_MODES, FeatureSet
 from firm.models import Encoder, ModelConfig
 from firm.scoring import SCORERS, apply_scorers, build_scorer, fit_scorers, knn_similarity, scorer_names, score
@@ -164,9 +164,7 @@ def test_aulc_on_hand_made_curves():
         aulc([0, 0, 1], [0.1, 0.2, 0.3])
 
 
-def test_epochs_to_reach_interpolates_and_speedup():
+def test_epochs_to_reach_interpolates():
     assert epochs_to_reach([0, 2, 4], [0.5, 0.7, 0.9], 0.8) == pytest.approx(3.0)
     assert epochs_to_reach([0, 2, 4], [0.5, 0.7, 0.9], 0.5) == 0.0
     assert math.isinf(epochs_to_reach([0, 2], [0.5, 0.6], 0.9))
-    assert speedup(12.0, 1.0) == 12.0
-    assert math.isnan(speedup(3.0, math.inf))

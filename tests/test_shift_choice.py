@@ -1,11 +1,12 @@
-"""The shift registry and ``--shifts auto`` (choose_shifts) on synthetic images of known kind."""
+"""``--shifts auto`` (choose_shifts) on synthetic images of known kind."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from firm.shifts import AUTO, SHIFT_NAMES, SHIFTS, Shift, ShiftSet, build_shifts, choose_shifts
+from firm.shift_choice import choose_shifts
+from firm.shifts import build_shifts
 
 
 def _uint8(x):
@@ -64,50 +65,6 @@ def horizons(n=200, size=64, seed=0):
     colour_ground = torch.tensor([0.2, 0.45, 0.15]).view(1, 3, 1, 1)
     x = sky * colour_sky + (1 - sky) * colour_ground
     return _uint8(x + 0.06 * torch.randn(n, 3, size, size, generator=g))
-
-
-# --------------------------------------------------------------------------- registry
-def test_registry_lists_every_shift_with_a_one_line_description():
-    assert set(SHIFTS) == {"rotation", "hflip", "cutpaste", "cutpaste_scar", "scramble", "mixup", "permutation"}
-    assert SHIFT_NAMES == tuple(SHIFTS) and AUTO not in SHIFTS
-    for name, entry in SHIFTS.items():
-        factory, description = entry  # name -> (factory, description)
-        assert description and "\n" not in description
-        shift = factory()
-        assert isinstance(shift, Shift) and shift.name == name
-
-
-@pytest.mark.parametrize("name", list(SHIFTS))
-def test_every_registered_shift_builds_and_runs_on_a_batch(name):
-    shifts = build_shifts(name)
-    assert isinstance(shifts, ShiftSet) and shifts.names == [name]
-    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    variant = torch.arange(8) % (shifts.num_variants + 1)
-    out = shifts(x, variant, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    assert torch.equal(out[variant == 0], x[variant == 0])  # variant 0 is the inlier, left alone
-    assert not torch.equal(out[variant > 0], x[variant > 0])
-
-
-def test_build_shifts_reads_lists_and_comma_strings():
-    assert build_shifts("rotation, cutpaste").names == ["rotation", "cutpaste"]
-    assert build_shifts(["mixup", "scramble"]).num_variants == 2
-    assert build_shifts("rotation,cutpaste_scar").num_variants == 4
-
-
-def test_unknown_shift_names_the_choices():
-    with pytest.raises(ValueError, match="unknown shift.*'rotate'") as error:
-        build_shifts(["rotate"])
-    for name in SHIFTS:
-        assert name in str(error.value)
-    with pytest.raises(ValueError, match="at least one shift"):
-        build_shifts("")
-
-
-def test_auto_must_be_resolved_before_building():
-    for names in ("auto", ["rotation", "auto"]):
-        with pytest.raises(ValueError, match="auto.*choose_shifts"):
-            build_shifts(names)
 
 
 # --------------------------------------------------------------------------- --shifts auto

@@ -1,9 +1,9 @@
-"""Synthetic outliers, batch composition and the batched views."""
+"""Synthetic outliers (the transforms and their registry) and the batched views."""
 import pytest
 import torch
 
-from firm.shifts import (BatchPlan, CutPaste, CutPasteScar, HorizontalFlip, Mixup, PatchPermutation, Rotation, Scramble,
-                         ShiftSet, _beta)
+from firm.shifts import (AUTO, SHIFTS, CutPaste, CutPasteScar, HorizontalFlip, Mixup, PatchPermutation, Rotation,
+                         Scramble, Shift, ShiftSet, _beta, build_shifts)
 from firm.views import ViewAugment, color_jitter, gaussian_blur, random_resized_crop
 
 
@@ -191,48 +191,6 @@ def test_beta_draws_follow_beta_04_04():
     assert stats.kstest(draws.numpy(), stats.beta(0.4, 0.4).cdf).pvalue > 1e-4
 
 
-def test_pool_plan_is_the_authors_composition():
-    plan = BatchPlan(num_images=100, batch_size=20, num_variants=3, seed=0)
-    index, variant = plan.epoch(0)
-    assert index.shape == (20, 20)
-    # every (image, variant) pair of the 4x pool appears exactly once per epoch
-    pairs = set(zip(index.flatten().tolist(), variant.flatten().tolist()))
-    assert len(pairs) == 400
-    assert abs((variant == 0).float().mean().item() - 0.25) < 1e-9
-
-
-def test_pool_smaller_than_one_batch_fills_the_batch_with_every_pair():
-    plan = BatchPlan(num_images=5, batch_size=32, num_variants=3, seed=0)  # pool of 20 < batch of 32
-    index, variant = plan.epoch(0)
-    assert index.shape == variant.shape == (1, 32)
-    assert len(set(zip(index.flatten().tolist(), variant.flatten().tolist()))) == 20
-
-
-def test_id_share_plan_and_determinism():
-    plan = BatchPlan(num_images=50, batch_size=16, num_variants=3, id_share=0.5, seed=3)
-    index, variant = plan.epoch(2)
-    assert ((variant == 0).sum(1) == 8).all()
-    assert set(index[variant == 0].tolist()) == set(range(50))  # every inlier seen once per epoch
-    assert variant[variant > 0].min() >= 1 and variant.max() <= 3
-    again = plan.epoch(2)
-    assert torch.equal(again[0], index) and torch.equal(again[1], variant)
-    assert not torch.equal(plan.epoch(3)[0], index)
-
-
-def test_plan_with_auxiliary_outliers_draws_their_indices():
-    plan = BatchPlan(num_images=10, batch_size=8, num_variants=3, outlier_sources=1000, seed=0)
-    index, variant = plan.epoch(0)
-    assert index[variant == 0].max() < 10
-    assert index[variant > 0].max() >= 10  # outlier slots index the auxiliary set
-
-
-def test_plan_rejects_bad_settings():
-    with pytest.raises(ValueError, match="empty"):
-        BatchPlan(0, 8, 3)
-    with pytest.raises(ValueError, match="id_share"):
-        BatchPlan(10, 8, 3, id_share=1.5)
-
-
 def test_random_resized_crop_full_scale_is_identity():
     x = images(4, size=16)
     out = random_resized_crop(x, 16, scale=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
@@ -318,3 +276,46 @@ def test_training_with_patch_shifts_runs_and_labels_outliers():
     assert views.shape == (32, 3, 32, 32)
     assert ((labels == -1) == (variant[0] > 0)).all()
     assert torch.isfinite(trainer.step(index[0], variant[0]))
+
+
+def test_registry_lists_every_shift_with_a_one_line_description():
+    assert set(SHIFTS) >= {"rotation", "hflip", "cutpaste", "cutpaste_scar", "scramble", "mixup", "permutation"}
+    assert AUTO in SHIFTS.choices and AUTO not in SHIFTS  # a choice, resolved from the images: no shift of its own
+    for name, entry in SHIFTS.items():
+        factory, description = entry  # name -> (factory, description)
+        assert description and "\n" not in description
+        shift = factory()
+        assert isinstance(shift, Shift) and shift.name == name
+
+
+@pytest.mark.parametrize("name", list(SHIFTS))
+def test_every_registered_shift_builds_and_runs_on_a_batch(name):
+    shifts = build_shifts(name)
+    assert isinstance(shifts, ShiftSet) and shifts.names == [name]
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    variant = torch.arange(8) % (shifts.num_variants + 1)
+    out = shifts(x, variant, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert torch.equal(out[variant == 0], x[variant == 0])  # variant 0 is the inlier, left alone
+    assert not torch.equal(out[variant > 0], x[variant > 0])
+
+
+def test_build_shifts_reads_lists_and_comma_strings():
+    assert build_shifts("rotation, cutpaste").names == ["rotation", "cutpaste"]
+    assert build_shifts(["mixup", "scramble"]).num_variants == 2
+    assert build_shifts("rotation,cutpaste_scar").num_variants == 4
+
+
+def test_unknown_shift_names_the_choices():
+    with pytest.raises(ValueError, match="unknown shift.*'rotate'") as error:
+        build_shifts(["rotate"])
+    for name in SHIFTS:
+        assert name in str(error.value)
+    with pytest.raises(ValueError, match="at least one shift"):
+        build_shifts("")
+
+
+def test_auto_must_be_resolved_before_building():
+    for names in ("auto", ["rotation", "auto"]):
+        with pytest.raises(ValueError, match="auto.*choose_shifts"):
+            build_shifts(names)

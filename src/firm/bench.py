@@ -20,13 +20,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import Settings, SettingsError, settings_from_dict
-from .data import NUM_CLASSES, canonical_dataset
+from .data import ALL_CLASSES, DATASETS, canonical_dataset
 from .losses import resolve_mode
 from .rundir import BENCH_PARTIAL, BENCH_RUNS, read_run_settings, train_files, write_run_settings
 from .runner import DataCache, run, validate
 from .serialization import write_json
 
-__all__ = ["RunSpec", "plan_grid", "spec_settings", "run_grid", "load_records"]
+__all__ = ["RunSpec", "plan_grid", "spec_settings", "run_grid"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        cls = "all" if self.normal_class == "all" else f"c{self.normal_class}"
+        cls = ALL_CLASSES if self.normal_class == ALL_CLASSES else f"c{self.normal_class}"
         return f"{Path(self.dataset).name}-{cls}-{self.loss}-{self.loss_mode}-e{self.epochs}-s{self.seed}"
 
 
@@ -58,16 +58,16 @@ def plan_grid(base: Settings, datasets: list[str], classes: list[str] | None, lo
         raise ValueError(f"shard {i}/{n}: the index must be in 0..{n - 1}")
     runs = []
     for d in (canonical_dataset(name) for name in datasets):
-        if classes is None and d not in NUM_CLASSES:
+        if classes is None and d not in DATASETS:
             raise ValueError(f"{d}: give the classes to run with --classes (an image folder has no class list)")
-        for c in classes if classes is not None else [str(k) for k in range(NUM_CLASSES[d])]:
+        for c in classes if classes is not None else [str(k) for k in range(len(DATASETS.get(d).classes))]:
             for budget in budgets or [base.train.epochs]:
                 for s in seeds:
                     for loss in losses:
                         runs.append(RunSpec(d, str(c), loss, s, budget, resolve_mode(loss, base.train.loss_mode)))
     if not runs:
         raise ValueError("the grid is empty: give at least one dataset, class, loss, seed and budget")
-    if not base.data.ood and any(r.normal_class == "all" for r in runs):
+    if not base.data.ood and any(r.normal_class == ALL_CLASSES for r in runs):
         raise ValueError("normal class 'all' (every class is normal) has no anomalies to score: give the "
                          "out-of-distribution sets with --ood DATASET_OR_FOLDER")
     for spec in {r.loss: r for r in runs}.values():
@@ -81,14 +81,6 @@ def spec_settings(base: Settings, spec: RunSpec) -> Settings:
     s.data.dataset, s.data.normal_class = spec.dataset, spec.normal_class
     s.train.loss, s.train.loss_mode, s.train.seed, s.train.epochs = spec.loss, spec.loss_mode, spec.seed, spec.epochs
     return s
-
-
-def load_records(out_dir: str | Path) -> list[dict]:
-    """All records of the finished runs in a bench folder."""
-    records = []
-    for f in sorted((Path(out_dir) / BENCH_RUNS).glob("*.json")):
-        records += json.loads(f.read_text())["records"]
-    return records
 
 
 _CACHE: DataCache | None = None

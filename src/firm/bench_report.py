@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .bench_stats import (budget_groups, bench_statistics, change_key, find_comparison, final_aurocs, gain_changes,
                           ladder_json, ladder_pairs, learning_curves, load_runs, method_order, statistics_json)
-from .data import CLASS_NAMES
+from .data import DATASETS
 from .rundir import BENCH_REPORT, RESULTS
 from .serialization import atomic_write, write_json
 from .stats import MIN_CLASSES, PairedResult
@@ -93,7 +93,7 @@ def _mean_cell(class_means: list[float], n_classes: int) -> str:
 def _class_name(dataset: str, c: int) -> str:
     if c < 0:
         return "all (multi-class ID)"
-    names = CLASS_NAMES.get(dataset)
+    names = DATASETS[dataset].classes if dataset in DATASETS else None
     return f"{c} {names[c]}" if names and c < len(names) else str(c)
 
 
@@ -162,7 +162,7 @@ def _speedup_cell(c: dict) -> str:
     r = c["result"]
     if r is None:
         return "- (FIRM reached the target in no cell)"
-    return f"{_compact(r, _factor)} over {r.n_pairs} cell{'s' if r.n_pairs != 1 else ''}"
+    return f"{_compact(r, _factor)} over {r.n_pairs} cells"
 
 
 def _speed_table(comps: list[dict]) -> str:
@@ -440,12 +440,12 @@ def _plot_ladder(ladder: dict, path: Path) -> None:
         ax_speed.set_yscale("log")
         ax_speed.yaxis.set_major_formatter(ScalarFormatter())
         ax_speed.yaxis.set_minor_formatter(NullFormatter())
-        for ax, ylabel in ((ax_gain, "AUROC gain of FIRM, points"), (ax_speed, "speed-up of FIRM where it got there, x")):
+        for ax, ylabel in ((ax_gain, "AUROC gain of FIRM, points"), (ax_speed, "speed-up of FIRM where it reached, x")):
             ax.set_xscale("log")
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.set_xlabel("budget (epochs)", fontsize=8)
-            ax.set_ylabel(f"{ylabel}\n(bars: 95 % interval, or class range if < {MIN_CLASSES} classes)", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
             ax.set_title(f"{dataset} ({eval_set})", fontsize=9)
             ax.grid(alpha=0.3)
         ax_speed.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # the same lines in both panels

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shlex
 import sys
@@ -22,23 +23,28 @@ from .config import (GROUPS, PRESETS, Settings, SettingsError, apply_overrides, 
 
 __all__ = ["main", "build_parser"]
 
-# Fields whose values name registry entries: their flags get choices, checked at parse time.
-_CHOICES: dict[str, tuple[str, ...]] = {}
+@functools.cache
+def _registries() -> dict:
+    """The registry each name-valued setting draws from: its flag's choices, checked at parse time."""
+    from .data import DATASETS, SPLITS
+    from .features import TTA_MODES
+    from .losses import LOSS_MODES, LOSSES
+    from .models import BACKBONES, INITS, STEMS
+    from .scoring import SCORERS
+    from .shifts import SHIFTS
+    return dict(loss=LOSSES, loss_mode=LOSS_MODES, scorer=SCORERS, tta=TTA_MODES, scorers=SCORERS,
+                final_tta=TTA_MODES, curve_scorers=SCORERS, curve_tta=TTA_MODES, shifts=SHIFTS, backbone=BACKBONES,
+                stem=STEMS, init=INITS, split=SPLITS, dataset=DATASETS, ood=DATASETS)
 
 
-def _registries() -> dict[str, tuple[str, ...]]:
-    if not _CHOICES:
-        from .features import TTA_MODES
-        from .losses import LOSS_MODES, LOSSES
-        from .models import BACKBONES, INITS, STEMS
-        from .scoring import SCORERS
-        from .shifts import SHIFTS
-        from .data import DATASETS
-        _CHOICES.update(loss=tuple(LOSSES), loss_mode=LOSS_MODES, scorer=tuple(SCORERS), tta=tuple(TTA_MODES),
-                        scorers=(*SCORERS, "all"), final_tta=tuple(TTA_MODES), shifts=(*SHIFTS, "auto"),
-                        backbone=tuple(BACKBONES), stem=STEMS, init=INITS, split=("test", "validation"),
-                        dataset=tuple(DATASETS))
-    return _CHOICES
+def _choices(name: str) -> tuple[str, ...]:
+    """The names setting ``name`` may take (none: not a registry name); a single scorer cannot be
+    ``all``, which names every scorer."""
+    from .scoring import ALL
+    registry = _registries().get(name)
+    if registry is None:
+        return ()
+    return tuple(c for c in registry.choices if c != ALL) if name == "scorer" else registry.choices
 
 
 def _value_type(name: str, cls: type):
@@ -62,28 +68,29 @@ def _value_type(name: str, cls: type):
 
 
 def _checked(name: str, value):
-    """``value`` of setting ``name`` with registry names checked (a ValueError naming the choices)
-    and a dataset name in its registry spelling (``Digits``, ``fashion-mnist`` -> ``digits``, ``fashionmnist``)."""
-    if name == "dataset":
+    """``value`` of setting ``name`` with registry names checked (a SettingsError naming the
+    choices) and dataset names in their registry spelling (``Digits``, ``fashion-mnist`` ->
+    ``digits``, ``fashionmnist``; an image folder as given)."""
+    if name in ("dataset", "ood"):
         from .data import canonical_dataset
-        return canonical_dataset(value)
-    choices = _registries().get(name)
-    items = value if isinstance(value, (list, tuple)) else [value]
-    bad = [v for v in items if v not in choices] if choices else []
-    if bad:
-        raise ValueError(f"invalid {name.replace('_', '-')} {', '.join(map(str, bad))} (choose from {', '.join(choices)})")
+        return canonical_dataset(value) if name == "dataset" else [canonical_dataset(v) for v in value]
+    registry = _registries().get(name)
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if registry is not None and v not in _choices(name):
+            raise registry.unknown(v, keywords=v not in registry.keywords)
     return value
 
 
-def _name_list(registry: str):
-    """An argparse type for a comma list of names from one registry."""
+def _name_list(name: str):
+    """An argparse type for a comma list of names that setting ``name``'s registry holds."""
     def convert(text: str) -> list[str]:
         names = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in names if v not in _registries()[registry]]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"invalid choice {', '.join(bad) or 'none'} "
-                                             f"(choose from {', '.join(_registries()[registry])})")
-        return names
+        if not names:
+            raise argparse.ArgumentTypeError(f"give at least one name; choose from {', '.join(_choices(name))}")
+        try:
+            return _checked(name, names)
+        except SettingsError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     convert.__name__ = "list"
     return convert
 
@@ -97,8 +104,9 @@ def _show(value) -> str:
 
 
 def _add_settings(p: argparse.ArgumentParser, default_preset: str, groups: tuple[str, ...],
-                  exclude: tuple[str, ...] = ()) -> None:
-    """One flag per settings field of ``groups``; defaults shown are the preset's."""
+                  exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
+    """One flag per settings field of ``groups`` (``only`` those named, if given; none of
+    ``exclude``); defaults shown are the preset's."""
     p.add_argument("--preset", choices=list(PRESETS), default=default_preset,
                    help="named settings to start from; flags override its values")
     base = PRESETS[default_preset]
@@ -106,11 +114,13 @@ def _add_settings(p: argparse.ArgumentParser, default_preset: str, groups: tuple
         cls = GROUPS[group]
         g = p.add_argument_group(f"{group} settings")
         for f in fields(cls):
-            if f.name in exclude:
+            if f.name in exclude or (only is not None and f.name not in only):
                 continue
-            choices = _registries().get(f.name)
+            choices = _choices(f.name)
             many = field_type(cls, f.name)[1]
-            extra = f"; {'comma list of' if many else 'one of'}: {', '.join(choices)}" if choices and f.name != "dataset" else ""
+            alternative = _registries()[f.name].alternative if choices else ""
+            extra = (f"; {'comma list of' if many else 'one of'}: {', '.join(choices)}{' ' if alternative else ''}"
+                     f"{alternative}") if choices else ""
             g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                            type=_value_type(f.name, cls),
                            metavar=_value_type(f.name, cls).__name__.upper() if field_type(cls, f.name)[0] is not bool
@@ -126,6 +136,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 _SETTINGS_NAMES = {f.name for cls in GROUPS.values() for f in fields(cls)}
+_FINAL_EVAL = ("scorers", "final_tta")  # what a run's final evaluation scores: firm bench and firm evaluate only
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -154,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder to create (must be new or empty unless --overwrite)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the killed run in RUN_DIR with its saved settings")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    _add_settings(p, "cpu", ("data", "model", "train", "eval"), exclude=("ood",))
+    _add_settings(p, "cpu", ("data", "model", "train", "eval"), exclude=("ood", *_FINAL_EVAL))
 
     p = sub.add_parser("evaluate", formatter_class=fmt, help="AUROC of a trained model on its test split or on folders",
                        description="Writes results.json (records with loss, scorer, tta, auroc) and per-image scores.csv.")
@@ -164,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normal-dir", nargs="+", help="folder(s) of normal test images")
     p.add_argument("--anomaly-dir", nargs="+", help="folder(s) of anomalous test images")
     p.add_argument("--data-root", help="override the data root stored in the run")
-    p.add_argument("--ood", help="comma list of OOD datasets or folders, for a run trained on every class")
-    p.add_argument("--scorers", default="all", type=_value_type("scorers", GROUPS["eval"]), help="comma list of scorers")
-    p.add_argument("--tta", default="none,angled", type=_value_type("final_tta", GROUPS["eval"]),
-                   help="comma list of test-time ensembles")
+    p.add_argument("--ood", type=_name_list("ood"), metavar="LIST",
+                   help="comma list of OOD datasets or folders, for a run trained on every class")
+    p.add_argument("--scorers", default="all", type=_name_list("scorers"), metavar="LIST",
+                   help=f"{describe('scorers')}; comma list of: {', '.join(_choices('scorers'))}")
+    p.add_argument("--final-tta", default="none,angled", type=_name_list("final_tta"), metavar="LIST",
+                   help=f"{describe('final_tta')}; comma list of: {', '.join(_choices('final_tta'))}")
     p.add_argument("--out", help="folder for results.json and scores.csv (default: the run or model folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace results.json and scores.csv already there")
     p.add_argument("--mask-dir", help="ground-truth masks of the folders' images (MASK_DIR/<folder>/<stem>_mask.png or "
                    "MASK_DIR/<stem>_mask.png): adds the anomaly maps' pixel AUROC and PRO (model fitted with patch_bank > 0)")
 
@@ -187,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--classes", help="comma list of normal classes (default: all); 'all' alone = multi-class ID")
     p.add_argument("--losses", default="firm,ntxent,supcon,rotsupcon", type=_name_list("loss"),
-                   help=f"comma list of losses: {', '.join(_registries()['loss'])}")
+                   help=f"comma list of losses: {', '.join(_choices('loss'))}")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--epochs-ladder", help="comma list of budgets (epochs): the same grid at each budget")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (for job arrays)")
@@ -198,14 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="bench folder")
     _add_settings(p, "cpu", ("data", "model", "train", "eval"), exclude=("normal_class", "seed", "loss"))
 
-    p = sub.add_parser("speed", formatter_class=fmt, help="measure training-step, loss and kNN throughput; writes speed.json")
+    p = sub.add_parser("speed", formatter_class=fmt, help="measure training-step, loss and kNN throughput; writes speed.json",
+                       description="The training step is timed with the preset's encoder and projection head; the "
+                       "flags below override the preset's values.")
     _add_common(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--width", type=int, default=16, help="encoder width")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
-    p.add_argument("--amp", type=_value_type("amp", GROUPS["train"]), default=False, metavar="on|off", help="bf16 autocast")
-    p.add_argument("--head", default="cpu", choices=["cpu", "paper"], help="projection head: the cpu preset's or the paper's")
     p.add_argument("--out", default="runs/speed", help="folder for speed.json")
+    _add_settings(p, "cpu", ("model", "train"), only=("width", "batch_size", "device", "amp"))
 
     p = sub.add_parser("fit", formatter_class=fmt, help="train a detector on a folder of normal images",
                        description="Fit a FIRMDetector on normal images (folders searched recursively; any size, grey or "
@@ -216,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="model folder to write (must be new or empty unless --overwrite)")
     p.add_argument("--resume", metavar="MODEL_DIR", help="continue the killed fit in MODEL_DIR with its saved settings")
     p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
-    _add_settings(p, "detector", ("model", "train", "eval", "detector"))
+    _add_settings(p, "detector", ("model", "train", "eval", "detector"), exclude=_FINAL_EVAL)
     p.add_argument("--outlier-dir", help="folder of real outlier images (Outlier Exposure) instead of shifted copies")
 
     p = sub.add_parser("score", formatter_class=fmt, help="score images with a model; CSV ranked by anomaly score")
@@ -224,8 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder")
     p.add_argument("inputs", nargs="*", help="image files or folders")
     p.add_argument("--out", default="scores.csv", help="CSV to write (rank, path, score, flagged)")
-    p.add_argument("--overwrite", action="store_true", help="replace the CSV already at --out (never firm evaluate's "
-                   "scores.csv)")
     p.add_argument("--threshold", type=float, help="override the model's threshold")
     p.add_argument("--maps", metavar="DIR", help="also write anomaly-map overlays (PNG) and index.csv to DIR, a new or "
                    "empty folder (firm report shows MODEL/maps); needs a model fitted with patch_bank > 0")
@@ -234,40 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("run_dir", nargs="?", help="run or model folder (with scores.csv from firm evaluate, if any)")
     p.add_argument("--out", help="report folder (default: RUN_DIR/report)")
-    p.add_argument("--overwrite", action="store_true", help="replace the report already in the folder")
 
     p = sub.add_parser("export", formatter_class=fmt, help="export the encoder to ONNX with its feature bank, check parity")
     _add_common(p)
     p.add_argument("--model", help="model folder")
     p.add_argument("--out", help="export folder (default: MODEL/onnx)")
-    p.add_argument("--overwrite", action="store_true", help="replace the export already in the folder")
     return parser
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices[command]
-
-
-def _yaml_option(action: argparse.Action, value):
-    """The value of an option (not a setting) from a --config file, in the form the command line
-    gives it; a ValueError naming the option when its shape is wrong (``normal_dir: good`` where
-    a list of folders is expected would otherwise be read letter by letter)."""
-    name = action.dest
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value
-    if action.nargs in ("+", "*"):
-        if not isinstance(value, list) or any(isinstance(v, (list, dict)) for v in value):
-            raise ValueError(f"{name} must be a list, e.g. {name}: [{value if isinstance(value, str) else '...'}]; "
-                             f"got {value!r}")
-        return [str(v) for v in value]
-    if isinstance(value, list) and getattr(action.type, "__name__", "") == "list":
-        value = ",".join(map(str, value))  # a comma-list option written as a YAML list
-    if isinstance(value, (list, dict)):
-        raise ValueError(f"{name} must be a single value, got {value!r}")
-    return value if value is None or isinstance(value, bool) else str(value)  # strings are parsed as on the command line
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Settings | None]:
@@ -302,11 +287,6 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.N
                 (yaml_settings if name in _SETTINGS_NAMES else options)[name] = value
             else:
                 parser.error(f"--config {path}: unknown option {key!r} for firm {args.command}")
-        actions = {a.dest: a for a in sub._actions}
-        try:
-            options = {name: _yaml_option(actions[name], value) for name, value in options.items()}
-        except ValueError as e:
-            sub.error(f"--config {path}: {e}")
         sub.set_defaults(**options)
         args = parser.parse_args(argv)
     if "preset" not in dests:
@@ -323,6 +303,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.N
         sub.error(f"--config {args.config}: {e}")
     try:
         settings = apply_overrides(settings, given)
+        from .runner import validate
+        validate(settings)  # every name and range, before any command reads an image
     except SettingsError as e:
         sub.error(str(e))
     args.given_settings = given
@@ -383,7 +365,6 @@ def cmd_train(args, settings: Settings) -> None:
         validate(settings)  # a run.json edited by hand is checked before anything is trained
     else:
         _require(args, "out")
-        validate(settings)
         if args.preset == "paper" and settings.train.device in ("auto", "cpu"):
             from .training import resolve_device
             if resolve_device(settings.train.device).type == "cpu":
@@ -406,11 +387,8 @@ def cmd_train(args, settings: Settings) -> None:
 
 def cmd_evaluate(args) -> None:
     from .inference import evaluate_model
-    from .rundir import RESULTS, SCORES, check_output_folder
-    check_output_folder(args.out or args.run_dir or args.model or ".", (RESULTS, SCORES), args.overwrite,
-                        default=not args.out)
     records = evaluate_model(args.run_dir, args.model, args.normal_dir, args.anomaly_dir, args.data_root,
-                             [s.strip() for s in (args.ood or "").split(",") if s.strip()], args.scorers, args.tta,
+                             args.ood or [], args.scorers, args.final_tta,
                              args.out, progress=_progress(args), mask_dir=args.mask_dir)
     width = max(len(r["scorer"]) for r in records)
     for r in records:
@@ -426,12 +404,8 @@ def cmd_demo(args) -> None:
     from .serialization import write_json
     settings = apply_overrides(preset("demo"), {"epochs": args.epochs})
     specs = plan_grid(settings, ["digits"], None, ["firm", "ntxent"], [0])
-    reused = []
     results = run_grid(specs, settings, args.out, "demo", progress=_progress(args),
-                       log=lambda m: reused.append(m) if m.startswith("skip") else print(m))
-    if reused:
-        print(f"reused {len(reused)} of {len(specs)} runs finished earlier in {args.out} (not trained again; remove "
-              "the folder or pass another --out to train them anew)")
+                       log=lambda m: None if m.startswith("skip") else print(m))
     final = {(r["loss"], r["normal_class"]): x["auroc"] for r in results for x in r["records"]
              if x["final"] and x["scorer"] == "cos1" and x["tta"] == "none"}
     means = {loss: sum(values) / len(values) for loss in ("firm", "ntxent")
@@ -471,10 +445,11 @@ def cmd_bench(args, settings: Settings) -> None:
     print(f"report written to {write_report(out, command=args.command_line)}")
 
 
-def cmd_speed(args) -> None:
+def cmd_speed(args, settings: Settings) -> None:
     from .serialization import write_json
     from .speed import format_table, run_speed
-    result = run_speed(args.device, args.width, args.batch_size, bool(args.amp), args.head)
+    t = settings.train
+    result = run_speed(t.device, settings.model.width, t.batch_size, t.amp, args.preset)
     path = Path(args.out) / "speed.json"
     write_json(path, result)
     print(format_table(result))
@@ -518,7 +493,7 @@ def cmd_score(args) -> None:
     from .inference import score_to_csv
     from .rundir import check_output_file, prepare_output
     _require(args, "model", "inputs")
-    out = check_output_file(args.out, args.overwrite)
+    out = check_output_file(args.out)
     maps = Path(args.maps) if args.maps else None
     if maps is not None and maps.is_dir() and any(maps.iterdir()):
         raise FileExistsError(f"--maps {maps} is not empty; choose a new or empty folder for the overlays")
@@ -535,20 +510,15 @@ def cmd_score(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import REPORT_FILES, build_report
-    from .rundir import REPORT, check_output_folder
+    from .report import build_report
     _require(args, "run_dir")
-    out = check_output_folder(args.out or Path(args.run_dir) / REPORT, REPORT_FILES, args.overwrite, default=not args.out)
-    print(f"report written to {build_report(args.run_dir, out, progress=_progress(args))}")
+    print(f"report written to {build_report(args.run_dir, args.out, progress=_progress(args))}")
 
 
 def cmd_export(args) -> None:
-    from .export import EXPORT_FILES, export_onnx, require_onnx
-    from .rundir import ONNX, check_output_folder
+    from .export import export_onnx
     _require(args, "model")
-    require_onnx()
-    out = check_output_folder(args.out or Path(args.model) / ONNX, EXPORT_FILES, args.overwrite, default=not args.out)
-    summary = export_onnx(args.model, out)
+    summary = export_onnx(args.model, args.out)
     print(f"ONNX model written to {summary['path']}; max |score difference| vs PyTorch {summary['max_abs_diff']:.2e}")
 
 

@@ -8,9 +8,10 @@ instances. The command line is generated from these fields (one ``--flag`` per f
 names are unique across the groups), a YAML config file is a :class:`Settings` serialised, and
 ``run.json`` / ``config.json`` of a run folder hold the settings the run really used.
 
-Names that refer to registries (losses, scorers, shifts, test-time ensembles, backbones,
-datasets) are checked against those registries by :func:`validate`, which the command line
-calls before any image is read.
+Each numeric setting's range lives here too (:func:`check_ranges`); names that refer to
+registries (losses, scorers, shifts, test-time ensembles, backbones, datasets) are checked
+against those registries by :func:`firm.runner.validate`, which every entry point calls before
+any image is read.
 """
 from __future__ import annotations
 
@@ -18,12 +19,11 @@ import copy
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "DetectorConfig", "Settings", "PRESETS",
-    "GROUPS", "preset", "field_group", "apply_overrides", "settings_from_dict", "load_yaml", "dump_yaml",
-    "SettingsError", "describe", "field_type",
+    "GROUPS", "preset", "field_group", "apply_overrides", "settings_from_dict", "dump_yaml",
+    "SettingsError", "describe", "field_type", "MIN_IMAGE_SIZE", "check_ranges",
 ]
 
 
@@ -51,7 +51,7 @@ class DataConfig(_Group):
     """Which images a run trains and is evaluated on."""
 
     dataset: str = "cifar10"
-    """cifar10, cifar100 (20 superclasses), fashionmnist, mnist or digits"""
+    """registered dataset to train and evaluate on"""
     data_root: str | None = None
     """folder holding the dataset files (default: $FIRM_DATA_ROOT)"""
     normal_class: str = "0"
@@ -71,7 +71,7 @@ class ModelConfig(_Group):
     """The encoder: backbone, its stem, the projection head and their initialisation."""
 
     backbone: str = "resnet18"
-    """resnet18 or resnet50"""
+    """backbone architecture"""
     stem: str = "cifar"
     """cifar (3x3 stride 1, the paper's), imagenet (7x7 stride 2 + max-pool: for 128-256 px), or auto (by image size)"""
     width: int = 64
@@ -257,8 +257,6 @@ def _coerce(cls: type, name: str, value):
             return None if optional else []
         raise SettingsError(f"setting {name!r} cannot be empty")
     if is_list or is_tuple:
-        if not isinstance(value, (str, list, tuple)):
-            raise SettingsError(f"setting {name!r}: expected a list (or a comma list), got {value!r}")
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
         items = [_scalar(name, base, v) for v in items]
         return tuple(items) if is_tuple else items
@@ -266,8 +264,6 @@ def _coerce(cls: type, name: str, value):
 
 
 def _scalar(name: str, base: type, value):
-    if isinstance(value, (list, tuple, dict)):  # str() would accept any of them as text
-        raise SettingsError(f"setting {name!r}: expected one value, got {value!r}")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -318,27 +314,6 @@ def settings_from_dict(d: dict, base: Settings | None = None) -> Settings:
     return out
 
 
-def load_yaml(path: str | Path, base: Settings | None = None) -> Settings:
-    """Settings from a YAML file: the nested form (``model: {width: 16}``), or flat field names
-    (``width: 16``), or both."""
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise SettingsError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SettingsError(f"config file {path} is not valid YAML: {e}") from e
-    if not isinstance(values, dict):
-        raise SettingsError(f"config file {path} must be a mapping of setting names to values")
-    nested = {k: v for k, v in values.items() if k in GROUPS}
-    flat = {k: v for k, v in values.items() if k not in GROUPS}
-    try:
-        return apply_overrides(settings_from_dict(nested, base), flat)
-    except SettingsError as e:
-        raise SettingsError(f"config file {path}: {e}") from e
-
-
 def dump_yaml(settings: Settings) -> str:
     import yaml
 
@@ -376,6 +351,72 @@ _PRESET_CHANGES: dict[str, dict[str, dict]] = {
                  eval=dict(_SMALL_EVAL, scorers=["cos1"], final_tta=["none"]), data=dict(dataset="digits")),
 }
 PRESETS: dict[str, Settings] = {name: settings_from_dict(changes) for name, changes in _PRESET_CHANGES.items()}
+
+
+MIN_IMAGE_SIZE = 2
+"""Smallest image side a run trains at: the training views' blur pads by reflection, which
+needs at least 2 pixels (1-pixel images fail there; 2 pixels train and score)."""
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Allowed values of a numeric setting: ``low``/``high`` (None = unbounded), ends included
+    unless ``open_low``/``open_high``."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+_POSITIVE, _COUNT, _SHARE = _Range(0, open_low=True), _Range(0), _Range(0, 1, open_low=True, open_high=True)
+_RANGES: dict[str, _Range] = {
+    "train_images": _Range(1),
+    "width": _Range(1), "head_hidden": _Range(1), "head_layers": _COUNT, "head_out": _Range(1),
+    "image_size": _Range(MIN_IMAGE_SIZE), "aspect": _Range(0, open_low=True), "bn_momentum": _Range(0, 1),
+    "frozen_stages": _Range(0, 4),
+    "tau": _POSITIVE, "epochs": _Range(1), "batch_size": _Range(2), "lr": _POSITIVE, "warmup": _SHARE,
+    "momentum": _Range(0, 1), "weight_decay": _COUNT, "id_share": _SHARE, "checkpoint_every": _COUNT,
+    "eval_every": _COUNT, "crop_scale": _Range(0, 1, open_low=True), "jitter": _COUNT, "blur_p": _Range(0, 1),
+    "center_crop": _Range(0, 1, open_low=True), "ensemble_crops": _Range(1),
+    "ensemble_crop_scale": _Range(0, 1, open_low=True), "ocsvm_nu": _Range(0, 1, open_low=True),
+    "target_fpr": _SHARE, "contamination": _SHARE, "holdout": _Range(0, 1, open_high=True), "patch_bank": _COUNT,
+    "large_image_size": _COUNT, "patch_stages": _Range(1, 4), "coreset_dims": _Range(1), "pretrained_size": _Range(32),
+    "max_aspect": _Range(1),
+}
+_CHANNELS = (1, 3)  # grey or colour: what the image readers produce
+
+
+def check_ranges(settings: Settings | DataConfig | ModelConfig | TrainConfig | EvalConfig | DetectorConfig) -> None:
+    """Raise :class:`SettingsError` naming the first numeric setting out of its range, in all
+    settings or in one group (names of registered things are checked by :func:`firm.runner.validate`)."""
+    groups = [getattr(settings, g) for g in GROUPS] if isinstance(settings, Settings) else [settings]
+    for group in groups:
+        for name, value in group.to_dict().items():
+            if name == "in_channels" and value not in _CHANNELS:
+                raise SettingsError(f"setting 'in_channels' must be 1 (grey) or 3 (colour), got {value}")
+            allowed = _RANGES.get(name)
+            if allowed is None or value is None:
+                continue
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if not all(allowed.holds(v) for v in values):
+                raise SettingsError(f"setting {name!r} must be {allowed}, got {_plain(value)}")
+            if isinstance(value, tuple) and name.endswith("scale") and value[0] > value[1]:
+                raise SettingsError(f"setting {name!r} is a range (low, high) with low <= high, got {_plain(value)}")
+
+
+def _plain(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def preset(name: str) -> Settings:

@@ -11,6 +11,7 @@ import os
 import pickle
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,26 +20,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import Registry
+
 __all__ = [
-    "ImageSet", "DATASETS", "canonical_dataset",
-    "CLASS_NAMES", "NUM_CLASSES", "DATA_ROOT_ENV", "resolve_data_root", "load_dataset", "as_images", "as_nchw",
+    "ImageSet", "DatasetEntry", "DATASETS", "SPLITS", "ALL_CLASSES", "canonical_dataset", "DATA_ROOT_ENV",
+    "resolve_data_root", "load_dataset", "as_images", "as_nchw",
     "load_image_folder", "eight_bit", "find_images", "image_shape", "is_paths", "image_sides", "median_side", "read_images",
     "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
 ]
 
 DATA_ROOT_ENV = "FIRM_DATA_ROOT"
-CLASS_NAMES = {
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-    "cifar100": ["aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
-                 "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
-                 "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
-                 "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
-                 "vehicles_1", "vehicles_2"],
-    "fashionmnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-    "mnist": [str(i) for i in range(10)],
-    "digits": [str(i) for i in range(10)],
-}
-NUM_CLASSES = {name: len(names) for name, names in CLASS_NAMES.items()}
+ALL_CLASSES = "all"
+"""``normal_class`` that makes every class of a dataset normal (the multi-class-ID setting)."""
+_CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+_CIFAR100_SUPERCLASSES = [
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
+    "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
+    "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2"]
+_FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                    "Ankle boot"]
+_DIGIT_CLASSES = [str(i) for i in range(10)]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
@@ -182,7 +184,7 @@ def _cifar_images(rows: np.ndarray) -> Tensor:
 def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
     folder = _find(root, "cifar-10-batches-py", ["data_batch_1", "test_batch"], "CIFAR-10")
     classes = _unpickle(folder / "batches.meta")["label_names"] if (folder / "batches.meta").exists() else \
-        CLASS_NAMES["cifar10"]
+        _CIFAR10_CLASSES
     batches = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6) if (folder / f"data_batch_{i}").exists()]
     test = _unpickle(folder / "test_batch")
     train_set = ImageSet(_cifar_images(np.concatenate([b["data"] for b in batches])),
@@ -195,7 +197,7 @@ def load_cifar100(root: Path) -> tuple[ImageSet, ImageSet]:
     """CIFAR-100 with its 20 superclasses ("coarse labels") as the classes (the paper's CIFAR-100-20)."""
     folder = _find(root, "cifar-100-python", ["train", "test"], "CIFAR-100")
     meta = _unpickle(folder / "meta") if (folder / "meta").exists() else {}
-    classes = meta.get("coarse_label_names", CLASS_NAMES["cifar100"])
+    classes = meta.get("coarse_label_names", _CIFAR100_SUPERCLASSES)
     sets = []
     for split in ("train", "test"):
         d = _unpickle(folder / split)
@@ -239,11 +241,11 @@ def _load_idx_dataset(root: Path, folder_name: str, dataset: str, classes: list[
 
 
 def load_fashionmnist(root: Path) -> tuple[ImageSet, ImageSet]:
-    return _load_idx_dataset(root, "FashionMNIST", "Fashion-MNIST", CLASS_NAMES["fashionmnist"])
+    return _load_idx_dataset(root, "FashionMNIST", "Fashion-MNIST", _FASHION_CLASSES)
 
 
 def load_mnist(root: Path) -> tuple[ImageSet, ImageSet]:
-    return _load_idx_dataset(root, "MNIST", "MNIST", CLASS_NAMES["mnist"])
+    return _load_idx_dataset(root, "MNIST", "MNIST", _DIGIT_CLASSES)
 
 
 def load_digits(root: Path | None = None, seed: int = 0) -> tuple[ImageSet, ImageSet]:
@@ -261,17 +263,34 @@ def load_digits(root: Path | None = None, seed: int = 0) -> tuple[ImageSet, Imag
         cut = (2 * len(idx)) // 3
         train_idx.append(idx[:cut])
         test_idx.append(idx[cut:])
-    full = ImageSet(images, labels, CLASS_NAMES["digits"], "digits")
+    full = ImageSet(images, labels, _DIGIT_CLASSES, "digits")
     return full.subset(torch.cat(train_idx)), full.subset(torch.cat(test_idx))
 
 
-DATASETS = {
-    "cifar10": load_cifar10,
-    "cifar100": load_cifar100,
-    "fashionmnist": load_fashionmnist,
-    "mnist": load_mnist,
-    "digits": load_digits,
-}
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: ``loader(root)`` returns its train and test :class:`ImageSet`
+    (``root`` is the data root, or None when ``needs_root`` is false), with its class names."""
+
+    loader: Callable[[Path | None], tuple[ImageSet, ImageSet]]
+    classes: list[str]
+    description: str
+    needs_root: bool = True
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset", {
+    "cifar10": DatasetEntry(load_cifar10, _CIFAR10_CLASSES, "CIFAR-10 (cifar-10-batches-py/)"),
+    "cifar100": DatasetEntry(load_cifar100, _CIFAR100_SUPERCLASSES,
+                             "CIFAR-100 with its 20 superclasses as the classes (cifar-100-python/)"),
+    "fashionmnist": DatasetEntry(load_fashionmnist, _FASHION_CLASSES, "Fashion-MNIST (FashionMNIST/raw/)"),
+    "mnist": DatasetEntry(load_mnist, _DIGIT_CLASSES, "MNIST (MNIST/raw/)"),
+    "digits": DatasetEntry(load_digits, _DIGIT_CLASSES, "scikit-learn's 8 x 8 digits, no files needed",
+                           needs_root=False),
+}, alternative="or an image folder")
+
+SPLITS: Registry[str] = Registry("split", {
+    "test": "the dataset's test split",
+    "validation": "a validation split of the training data (for tuning; the test split is never read)"})
 
 
 def canonical_dataset(name: str) -> str:
@@ -282,7 +301,7 @@ def canonical_dataset(name: str) -> str:
         return key
     if Path(name).is_dir():
         return name
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or give an image folder")
+    raise DATASETS.unknown(name)
 
 
 def load_dataset(name: str, data_root: str | os.PathLike | None = None, size: int = 32,
@@ -291,8 +310,8 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, size: in
     key = canonical_dataset(name)
     if key not in DATASETS:
         raise ValueError(f"{name} is an image folder, not a dataset with train and test splits")
-    root = None if key == "digits" else resolve_data_root(data_root)
-    train, test = DATASETS[key](root)
+    entry = DATASETS.get(key)
+    train, test = entry.loader(resolve_data_root(data_root) if entry.needs_root else None)
     for s in (train, test):
         s.images = resize_images(s.images, size, channels)
     return train, test

@@ -12,7 +12,7 @@ from .features import TTA_MODES, FeatureSet, extract_features
 from .models import Encoder
 from .scoring import score, scorer_names
 
-__all__ = ["auroc", "evaluate_scorers", "aulc", "epochs_to_reach", "speedup"]
+__all__ = ["auroc", "evaluate_scorers", "aulc", "epochs_to_reach"]
 
 
 def auroc(scores: Tensor | np.ndarray, is_anomaly: Tensor | np.ndarray) -> float:
@@ -43,9 +43,7 @@ def evaluate_scorers(model: Encoder, bank: Tensor | FeatureSet, test_images: Ten
     config = config or EvalConfig()
     names = scorer_names(scorers)
     modes = [tta] if isinstance(tta, str) else list(tta)
-    for mode in modes:  # unknown names fail before any image goes through the model
-        if mode not in TTA_MODES:
-            raise ValueError(f"unknown test-time ensemble {mode!r}; choose one of {', '.join(TTA_MODES)}")
+    TTA_MODES.check(modes)  # unknown names fail before any image goes through the model
     records, all_scores = [], {}
     for mode in modes:
         turns = TTA_MODES[mode].quarter_turns
@@ -93,13 +91,3 @@ def epochs_to_reach(epochs: list[float], values: list[float], target: float) -> 
             return float(prev_e + (target - prev_v) / (v - prev_v) * (e - prev_e))
         prev_e, prev_v = e, v
     return math.inf
-
-
-def speedup(baseline_epochs: float, method_epochs: float) -> float:
-    """How many times fewer epochs the method needs than the baseline (``inf`` / ``nan`` when
-    one of them never reaches the target)."""
-    if math.isinf(method_epochs):
-        return math.nan
-    if method_epochs <= 0:
-        return math.inf
-    return baseline_epochs / method_epochs

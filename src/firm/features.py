@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig
 from .models import Encoder
+from .registry import Registry
 from .views import random_resized_crop
 
 __all__ = ["TestTimeEnsemble", "TTA_MODES", "FeatureSet", "extract_features", "model_device", "resize",
@@ -50,19 +51,13 @@ class TestTimeEnsemble:
         return len(self.quarter_turns)
 
 
-TTA_MODES: dict[str, TestTimeEnsemble] = {
+TTA_MODES: Registry[TestTimeEnsemble] = Registry("test-time ensemble", {
     "none": TestTimeEnsemble("the image as it is (after the test-time zoom)", (0,)),
     "angled": TestTimeEnsemble("average over rotations 0/90/180/270, each against the bank at the same rotation",
                                (0, 1, 2, 3)),
     "ensemble": TestTimeEnsemble("angled, and at each rotation the zoomed image plus random resized crops",
                                  (0, 1, 2, 3), crops=True),
-}
-
-
-def _tta(name: str) -> TestTimeEnsemble:
-    if name not in TTA_MODES:
-        raise ValueError(f"unknown test-time ensemble {name!r}; choose one of {', '.join(TTA_MODES)}")
-    return TTA_MODES[name]
+})
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -143,7 +138,7 @@ def extract_features(model: Encoder, images: Tensor, tta: str = "none", query: b
     ``query=False`` is for the training bank: rotations are applied but never random crops.
     ``seed`` fixes the random crops. The model is put in eval mode and restored afterwards.
     """
-    mode = _tta(tta)
+    mode = TTA_MODES.get(tta)
     config = config or EvalConfig()
     zoom_size(images.shape[-1], config.center_crop)  # a bad center_crop fails before any forward pass
     crops = mode.crops and query

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .registry import Registry
+
 OUTLIER_LABEL = -1
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "SupConLoss",
     "LOSSES",
     "LOSS_MODES",
+    "AUTHORS_MODE",
     "resolve_mode",
     "build_loss",
     "masked_softmax_loss",
@@ -211,6 +214,15 @@ def _gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+AUTHORS_MODE = "authors"
+LOSS_MODES: Registry[str] = Registry(
+    "loss layout",
+    {"concat": "both views of every sample in one 2N x 2N similarity matrix (SimCLR's)",
+     "pairwise": "view 1 against view 2, N x N, and back"},
+    keywords={AUTHORS_MODE: "each loss's layout as the authors ran it"})
+"""Loss layouts; ``authors`` resolves per loss (:func:`resolve_mode`)."""
+
+
 class ContrastiveLoss(nn.Module):
     """Base of the loss family: ``loss(z1, z2, labels)`` on two L2-normalised views.
 
@@ -231,8 +243,7 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
-        if mode not in ("concat", "pairwise"):
-            raise ValueError(f"mode must be 'concat' or 'pairwise', got {mode!r}")
+        LOSS_MODES.get(mode)
         self.tau = tau
         self.mode = mode
         self.gather_distributed = gather_distributed
@@ -358,7 +369,7 @@ class LossEntry:
     description: str
 
 
-LOSSES: dict[str, LossEntry] = {
+LOSSES: Registry[LossEntry] = Registry("loss", {
     "firm": LossEntry(lambda tau, mode: FIRMLoss(tau=tau, mode=mode), _firm_labels, "pairwise",
                       "FIRM: inliers of a class are positives of each other, each outlier only of its own view"),
     "ntxent": LossEntry(lambda tau, mode: NTXentLoss(tau=tau, mode=mode), _firm_labels, "pairwise",
@@ -367,28 +378,21 @@ LOSSES: dict[str, LossEntry] = {
                         "SupCon: inliers by class, all outliers one class"),
     "rotsupcon": LossEntry(lambda tau, mode: SupConLoss(tau=tau, mode=mode), _rotsupcon_labels, "concat",
                            "Rot-SupCon: inliers by class, outliers one class per transform"),
-}
-LOSS_MODES = ("concat", "pairwise", "authors")
+})
 
 
 def resolve_mode(name: str, mode: str) -> str:
-    """The layout loss ``name`` runs in: ``mode``, or for ``"authors"`` the one the authors used."""
-    if mode not in LOSS_MODES:
-        raise ValueError(f"unknown loss layout {mode!r}; choose one of {', '.join(LOSS_MODES)}")
-    return _entry(name).authors_mode if mode == "authors" else mode
-
-
-def _entry(name: str) -> LossEntry:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return LOSSES[name]
+    """The layout loss ``name`` runs in: ``mode``, or for :data:`AUTHORS_MODE` the one the authors used."""
+    entry = LOSSES.get(name)
+    LOSS_MODES.check(mode)
+    return entry.authors_mode if mode == AUTHORS_MODE else mode
 
 
 def build_loss(name: str, tau: float = 0.2, mode: str = "concat") -> ContrastiveLoss:
     """The loss registered as ``name`` (see :data:`LOSSES`) in layout ``mode``."""
-    return _entry(name).factory(tau, resolve_mode(name, mode))
+    return LOSSES.get(name).factory(tau, resolve_mode(name, mode))
 
 
 def batch_labels(name: str, class_labels: Tensor, variant: Tensor) -> Tensor:
     """Labels for loss ``name`` from a batch's ID class ids and shift variants (0 = inlier)."""
-    return _entry(name).labels(class_labels, variant)
+    return LOSSES.get(name).labels(class_labels, variant)

@@ -22,17 +22,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import ModelConfig, SettingsError
+from .config import ModelConfig, check_ranges
+from .registry import Registry
 
-__all__ = ["ModelConfig", "BACKBONES", "STEMS", "INITS", "AUTO_STEM_MAX_SIZE", "IMAGENET_MEAN", "IMAGENET_STD",
+__all__ = ["ModelConfig", "BACKBONES", "STEMS", "INITS", "AUTO_STEM", "AUTO_STEM_MAX_SIZE", "IMAGENET_MEAN", "IMAGENET_STD",
            "WeightsError", "BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50", "ProjectionHead", "Encoder",
-           "check_model_config", "resolve_stem", "input_stats", "build_backbone", "init_weights", "torchvision_key",
+           "resolve_stem", "input_stats", "build_backbone", "init_weights", "torchvision_key",
            "read_state_dict", "load_pretrained", "freeze_stages", "freeze_bn_stats"]
 
-STEMS = ("cifar", "imagenet", "auto")
-INITS = ("kaiming", "pytorch")
+AUTO_STEM = "auto"
 AUTO_STEM_MAX_SIZE = 64
 """``stem="auto"`` uses the CIFAR stem up to this image side and the ImageNet stem above it."""
+STEMS: Registry[str] = Registry("stem", {
+    "cifar": "3x3 convolution, stride 1 (the paper's, for 32-64 px images)",
+    "imagenet": "7x7 convolution, stride 2, and a max-pool (for 128-256 px images)"},
+    keywords={AUTO_STEM: f"cifar up to {AUTO_STEM_MAX_SIZE} px, imagenet above"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _HALF = ((0.5,), (0.5,))  # x * 2 - 1: what firm's networks trained from scratch have always used
@@ -208,7 +212,7 @@ def resnet50(width: int = 64, **kwargs) -> ResNet:
     return net
 
 
-BACKBONES: dict[str, Callable[..., ResNet]] = {"resnet18": resnet18, "resnet50": resnet50}
+BACKBONES: Registry[Callable[..., ResNet]] = Registry("backbone", {"resnet18": resnet18, "resnet50": resnet50})
 """Backbone builders by name: ``builder(width, in_channels=, stem=, bn_momentum=, mean=, std=)``."""
 
 
@@ -233,33 +237,11 @@ class ProjectionHead(nn.Module):
 # From the settings
 
 
-def check_model_config(config: ModelConfig) -> None:
-    """Raise :class:`SettingsError` naming the first model setting that is out of range."""
-    if config.backbone not in BACKBONES:
-        raise SettingsError(f"setting 'backbone': unknown backbone {config.backbone!r}; choose one of "
-                            f"{', '.join(BACKBONES)}")
-    if config.stem not in STEMS:
-        raise SettingsError(f"setting 'stem': unknown stem {config.stem!r}; choose one of {', '.join(STEMS)}")
-    if config.init not in INITS:
-        raise SettingsError(f"setting 'init': unknown initialisation {config.init!r}; choose one of {', '.join(INITS)}")
-    for name in ("width", "head_out", "in_channels", "image_size"):
-        if getattr(config, name) < 1:
-            raise SettingsError(f"setting {name!r} must be >= 1, got {getattr(config, name)}")
-    if config.head_layers < 0 or (config.head_layers and config.head_hidden < 1):
-        raise SettingsError(f"settings 'head_layers'/'head_hidden': bad head ({config.head_layers} layers of width "
-                            f"{config.head_hidden})")
-    if not 0.0 <= config.bn_momentum <= 1.0:
-        raise SettingsError(f"setting 'bn_momentum' must be in [0, 1] (PyTorch semantics), got {config.bn_momentum}")
-    if not 0 <= config.frozen_stages <= _NUM_STAGES:
-        raise SettingsError(f"setting 'frozen_stages' must be in 0..{_NUM_STAGES}, got {config.frozen_stages}")
-
-
 def resolve_stem(config: ModelConfig) -> str:
     """``cifar`` or ``imagenet``: ``auto`` is cifar up to :data:`AUTO_STEM_MAX_SIZE` px, imagenet above,
     so 128-256 px images cost about what 32-64 px images cost the CIFAR network."""
-    if config.stem not in STEMS:
-        raise SettingsError(f"setting 'stem': unknown stem {config.stem!r}; choose one of {', '.join(STEMS)}")
-    if config.stem != "auto":
+    STEMS.check(config.stem)
+    if config.stem != AUTO_STEM:
         return config.stem
     return "cifar" if config.image_size <= AUTO_STEM_MAX_SIZE else "imagenet"
 
@@ -278,7 +260,6 @@ def input_stats(config: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ..
 
 def build_backbone(config: ModelConfig) -> ResNet:
     """The backbone ``config`` describes (PyTorch's initialisation; no weights loaded)."""
-    check_model_config(config)
     mean, std = input_stats(config)
     return BACKBONES[config.backbone](config.width, in_channels=config.in_channels, stem=resolve_stem(config),
                                       bn_momentum=config.bn_momentum, mean=mean, std=std)
@@ -297,6 +278,13 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+INITS: Registry[Callable[[nn.Module], None]] = Registry("initialisation", {
+    "kaiming": init_weights,
+    "pytorch": lambda module: None,  # each layer keeps the initialisation PyTorch gave it
+})
+"""Weight initialisations by name: each initialises a freshly built module in place."""
+
+
 class Encoder(nn.Module):
     """Backbone plus projection head, built from a :class:`ModelConfig`.
 
@@ -312,11 +300,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config if config is not None else ModelConfig()
         c = self.config
+        check_ranges(c)
         self.backbone = build_backbone(c)
         self.head = ProjectionHead(self.backbone.out_dim, c.head_hidden, c.head_layers, c.head_out,
                                    bn_momentum=c.bn_momentum)
-        if c.init == "kaiming":
-            init_weights(self)
+        INITS.get(c.init)(self)
         if c.weights:
             load_pretrained(self, c.weights)
         freeze_stages(self, c.frozen_stages)

@@ -16,15 +16,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import EvalConfig, Settings, TrainConfig
-from .data import ImageSet, canonical_dataset, load_dataset, load_image_folder, one_class_split, subsample, validation_split
+from .config import EvalConfig, Settings, SettingsError, TrainConfig, check_ranges
+from .data import (ALL_CLASSES, DATASETS, SPLITS, ImageSet, canonical_dataset, load_dataset, load_image_folder,
+                   one_class_split, subsample, validation_split)
 from .evaluation import evaluate_scorers
 from .features import TTA_MODES
 from .losses import resolve_mode
-from .models import Encoder, check_model_config
+from .models import BACKBONES, INITS, STEMS, Encoder
 from .scoring import SCORERS, scorer_names
-from .shifts import choose_shifts
-from .training import Trainer, TrainFiles, check_train_config, machine_info
+from .shift_choice import choose_shifts
+from .shifts import AUTO, SHIFTS
+from .training import Trainer, TrainFiles, machine_info
 
 __all__ = ["validate", "EvalSet", "RunData", "DataCache", "prepare_data", "train_encoder", "TrainedEncoder",
            "run", "RunOutcome", "final_scorers"]
@@ -34,7 +36,7 @@ EvalSet = tuple[str, ImageSet, Tensor]  # (name, images, is_anomaly)
 
 def final_scorers(config: EvalConfig) -> list[str]:
     """The scorers a run evaluates at its end (``all`` = every registered one)."""
-    return list(SCORERS) if "all" in config.scorers else list(config.scorers)
+    return scorer_names(config.scorers)
 
 
 def _curve_key(eval_set: str, scorer: str, tta: str) -> str:
@@ -43,29 +45,34 @@ def _curve_key(eval_set: str, scorer: str, tta: str) -> str:
 
 
 def validate(settings: Settings) -> None:
-    """Refuse unknown names and impossible values, naming the setting; reads no image."""
-    check_train_config(settings.train)
-    e, m, d = settings.eval, settings.model, settings.data
-    for name in [e.scorer, *final_scorers(e), *e.curve_scorers]:
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
-    for name in [e.tta, *e.final_tta, *e.curve_tta]:
-        if name not in TTA_MODES:
-            raise ValueError(f"unknown test-time ensemble {name!r}; choose from {', '.join(TTA_MODES)}")
-    if not 0 < e.center_crop <= 1:
-        raise ValueError(f"center_crop must be in (0, 1], got {e.center_crop}")
-    if not 0 < e.ocsvm_nu <= 1:
-        raise ValueError(f"ocsvm_nu must be in (0, 1], got {e.ocsvm_nu}")
-    if m.image_size < 8:
-        raise ValueError(f"image_size must be at least 8 pixels, got {m.image_size}")
-    check_model_config(m)
-    canonical_dataset(d.dataset)
-    if d.split not in ("test", "validation"):
-        raise ValueError(f"split must be 'test' or 'validation', got {d.split!r}")
-    if d.normal_class != "all" and not str(d.normal_class).isdigit():
-        raise ValueError(f"normal_class must be a class index or 'all', got {d.normal_class!r}")
-    if d.train_images is not None and d.train_images < 1:
-        raise ValueError(f"train_images must be >= 1, got {d.train_images}")
+    """Refuse unknown names and values out of range with one :class:`~firm.config.SettingsError`
+    naming the setting: every registry is asked for the names, :func:`~firm.config.check_ranges`
+    for the numbers. Reads no image, so every entry point calls it first."""
+    check_ranges(settings)
+    t, m, e, d = settings.train, settings.model, settings.eval, settings.data
+    resolve_mode(t.loss, t.loss_mode)  # the loss and its layout
+    SHIFTS.check(t.shifts)
+    if not t.shifts or (AUTO in t.shifts and len(t.shifts) > 1):
+        raise SettingsError(f"setting 'shifts': give registered shifts or {AUTO!r} alone, got {t.shifts}")
+    BACKBONES.get(m.backbone)
+    STEMS.check(m.stem)
+    INITS.get(m.init)
+    SCORERS.get(e.scorer)
+    scorer_names(e.scorers)
+    scorer_names(e.curve_scorers)
+    TTA_MODES.get(e.tta)
+    TTA_MODES.check(e.final_tta)
+    TTA_MODES.check(e.curve_tta)
+    SPLITS.get(d.split)
+    for name in d.ood:
+        canonical_dataset(name)
+    dataset = canonical_dataset(d.dataset)
+    if d.normal_class == ALL_CLASSES:
+        return
+    classes = DATASETS.get(dataset).classes if dataset in DATASETS else None
+    if not str(d.normal_class).isdigit() or (classes is not None and int(d.normal_class) >= len(classes)):
+        count = f"0..{len(classes) - 1}" if classes else "a class index"
+        raise SettingsError(f"setting 'normal_class' must be {count} or {ALL_CLASSES!r}, got {d.normal_class!r}")
 
 
 @dataclass
@@ -100,7 +107,7 @@ def prepare_data(settings: Settings, cache: DataCache | None = None) -> RunData:
     d, m, seed = settings.data, settings.model, settings.train.seed
     cache = cache or DataCache()
     train, test = cache.get(d.dataset, d.data_root, m.image_size, m.in_channels)
-    if d.normal_class == "all":
+    if d.normal_class == ALL_CLASSES:
         if d.split == "validation":
             raise ValueError("the validation split is defined for one normal class; pick --normal-class N")
         normal = subsample(train, d.train_images, seed)
@@ -150,7 +157,7 @@ def train_encoder(settings: Settings, images: Tensor, class_labels: Tensor | Non
     """
     train = settings.train
     notes = []
-    if train.shifts == ["auto"]:
+    if train.shifts == [AUTO]:
         shifts, reason = choose_shifts(images, seed=train.seed)
         train = dataclasses.replace(train, shifts=shifts)
         notes.append(f"shifts auto -> {','.join(shifts)}: {reason}")

@@ -10,6 +10,7 @@ test-time ensemble (rotation r of the queries against the bank at rotation r).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -20,35 +21,146 @@ from torch import Tensor
 
 from .config import EvalConfig
 from .features import FeatureSet
+from .registry import Registry
 
-__all__ = ["Scorer", "ScorerEntry", "SCORERS", "build_scorer", "scorer_names", "fit_scorers", "apply_scorers", "score",
-           "knn_similarity"]
+__all__ = ["Scorer", "ScorerEntry", "SCORERS", "ALL", "build_scorer", "scorer_names", "fit_scorers", "apply_scorers", "score",
+           "knn_similarity", "knn_search", "knn_backend", "knn_measurements", "KNN_BACKENDS"]
 
 _CHUNK = 4096
-_FAISS_BLOCKS = (1024, 16384)  # queries x bank rows per BLAS call in knn_similarity
+# kNN in tiles of queries x bank rows: one tile of similarities (8 Mi floats, 32 MiB) stays in
+# the last-level cache between the matmul that writes it and the reductions that read it, and a
+# tile is wide enough that the per-row work of the top-k (a few small ops) is cheap beside it.
+_TILE = 1 << 23
+_TILE_BANK = 8192
+_GROUP = 64  # bank rows per group in the top-k: one max per group, then top-k of the best groups
+_FAISS_BLOCKS = (1024, 16384)  # queries x bank rows per BLAS call when faiss runs the search
+# Calls smaller than this (queries x bank rows x dim) use torch without measuring the others;
+# larger ones measure every backend once per process on a slice of their own data.
+_MEASURE_ABOVE = 1 << 34
+_SLICE = (512, 8192)  # queries x bank rows of that slice
+_MARGIN = 0.9  # another backend replaces torch only when it takes under 0.9 of torch's time there
 
 
-def knn_similarity(bank: Tensor, queries: Tensor, k: int) -> Tensor:
-    """Top-``k`` inner products of each query with the bank, ``(Q, k)``, exact, through faiss
-    (batched BLAS plus a heap) when available, else torch in chunks."""
-    k = min(k, len(bank))
-    try:
-        import faiss
-    except ImportError:  # pragma: no cover - faiss is a dependency, but keep scoring usable without it
-        return torch.cat([(q @ bank.T).topk(k, dim=1).values for q in queries.split(_CHUNK)])
+def _knn_torch(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` in tiles with torch: per tile, the matmul, then the maximum of each group of
+    ``_GROUP`` consecutive bank rows, the ``k`` groups with the largest maxima, and the top ``k``
+    of those groups' similarities, merged with the best so far. The ``k`` largest similarities
+    of a row always lie in its ``k`` groups of largest maxima (a group holding one of them has a
+    maximum at least that large, and at most ``k - 1`` other groups can beat it), so the result is
+    exact, ties included."""
+    n_bank = len(bank)
+    width = min(_TILE_BANK, -(-n_bank // _GROUP) * _GROUP)
+    rows = max(1, _TILE // width)
+    sims = queries.new_empty(len(queries), k)
+    index = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
+    buffer = queries.new_empty(min(rows, len(queries)) * width)
+    for q0 in range(0, len(queries), rows):
+        q = queries[q0:q0 + rows]
+        n = len(q)
+        best_sims = best_index = None
+        for b0 in range(0, n_bank, width):
+            w = min(width, n_bank - b0)
+            padded = -(-w // _GROUP) * _GROUP
+            tile = buffer[: n * padded].view(n, padded)
+            torch.mm(q, bank[b0:b0 + w].T, out=tile[:, :w])
+            groups = padded // _GROUP
+            if groups < 4 * k:  # too few groups to save work: top-k of the whole tile
+                v, j = tile[:, :w].topk(min(k, w), dim=1)
+            else:
+                tile[:, w:] = float("-inf")
+                grouped = tile.view(n, groups, _GROUP)
+                top_groups = grouped.amax(2).topk(k, dim=1, sorted=False).indices
+                candidates = grouped[torch.arange(n, device=q.device)[:, None], top_groups].view(n, k * _GROUP)
+                v, j = candidates.topk(k, dim=1)
+                j = top_groups.gather(1, j // _GROUP) * _GROUP + j % _GROUP
+            j += b0
+            if best_sims is not None:
+                v, pick = torch.cat([best_sims, v], 1).topk(k, dim=1)
+                j = torch.cat([best_index, j], 1).gather(1, pick)
+            best_sims, best_index = v, j
+        sims[q0:q0 + n], index[q0:q0 + n] = best_sims, best_index
+    return sims, index
+
+
+def _knn_faiss(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` through ``faiss.knn`` (batched BLAS plus a heap), searching the bank in place."""
+    import faiss
     # faiss's default blocks (4096 queries x 1024 bank rows) mean one BLAS call and one threaded
-    # heap pass per block: hundreds of thread hand-offs, which cost up to 1.6x the matmul itself
-    # on a busy 2-core machine. 1024 x 16384 blocks (a 64 MiB buffer) stay at the matmul's speed.
-    # faiss.knn also searches the bank in place instead of copying it into an index.
+    # heap pass per block; larger blocks mean fewer thread hand-offs on a busy machine.
     cvar = faiss.cvar
     saved = cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs
     cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs = _FAISS_BLOCKS
     try:
-        sims, _ = faiss.knn(np.ascontiguousarray(queries.numpy(), dtype=np.float32),
-                            np.ascontiguousarray(bank.numpy(), dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT)
+        sims, index = faiss.knn(np.ascontiguousarray(queries.numpy(), dtype=np.float32),
+                                np.ascontiguousarray(bank.numpy(), dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT)
     finally:
         cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs = saved
-    return torch.from_numpy(sims)
+    return torch.from_numpy(sims), torch.from_numpy(index)
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+KNN_BACKENDS: dict[str, Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]] = {"torch": _knn_torch}
+"""The exact top-k implementations :func:`knn_search` chooses from (faiss when installed)."""
+if _faiss_available():
+    KNN_BACKENDS["faiss"] = _knn_faiss
+
+_measured: dict[str, float] = {}
+
+
+def knn_measurements() -> dict[str, float]:
+    """Seconds each backend took on this process's measuring slice (empty until a call was large
+    enough to measure)."""
+    return dict(_measured)
+
+
+def _measure(bank: Tensor, queries: Tensor, k: int, repeats: int = 3) -> None:
+    """Time every backend on a slice of the call's own data, taking turns, keeping each one's best."""
+    bank, queries = bank[: _SLICE[1]].contiguous(), queries[: _SLICE[0]].contiguous()
+    times: dict[str, float] = {name: float("inf") for name in KNN_BACKENDS}
+    for _ in range(repeats):
+        for name, search in KNN_BACKENDS.items():
+            start = time.perf_counter()
+            search(bank, queries, k)
+            times[name] = min(times[name], time.perf_counter() - start)
+    _measured.update(times)
+
+
+def knn_backend(bank: Tensor, queries: Tensor, k: int) -> str:
+    """The backend :func:`knn_search` uses for these inputs: torch for small searches, for other
+    devices and dtypes than float32 on the CPU; otherwise the fastest one measured in this process
+    (measured on the first such call), torch unless another takes under 0.9 of its time."""
+    if (queries.device.type != "cpu" or queries.dtype != torch.float32 or len(KNN_BACKENDS) == 1
+            or len(queries) * len(bank) * queries.shape[1] < _MEASURE_ABOVE):
+        return "torch"
+    if not _measured:
+        _measure(bank, queries, k)
+    fastest = min(_measured, key=_measured.__getitem__)
+    return fastest if _measured[fastest] < _MARGIN * _measured["torch"] else "torch"
+
+
+def knn_search(bank: Tensor, queries: Tensor, k: int, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` inner products of each query ``(Q, D)`` with the bank ``(M, D)``: similarities
+    ``(Q, k)`` in decreasing order and the bank rows they belong to (among tied rows, any).
+    ``backend`` names one of :data:`KNN_BACKENDS`; by default :func:`knn_backend` picks."""
+    k = min(k, len(bank))
+    if k == 0 or len(queries) == 0:
+        return queries.new_empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.long)
+    name = backend or knn_backend(bank, queries, k)
+    if name not in KNN_BACKENDS:
+        raise ValueError(f"unknown kNN backend {name!r}; choose from {', '.join(KNN_BACKENDS)}")
+    return KNN_BACKENDS[name](bank.contiguous(), queries.contiguous(), k)
+
+
+def knn_similarity(bank: Tensor, queries: Tensor, k: int) -> Tensor:
+    """Top-``k`` inner products of each query with the bank, ``(Q, k)``, exact (:func:`knn_search`)."""
+    return knn_search(bank, queries, k)[0]
 
 
 class Scorer:
@@ -168,7 +280,10 @@ class ScorerEntry:
     build: Callable[[EvalConfig], Scorer]
 
 
-SCORERS: dict[str, ScorerEntry] = {
+ALL = "all"
+"""The scorer name that stands for every registered scorer."""
+
+SCORERS: Registry[ScorerEntry] = Registry("scorer", {
     "cos1": ScorerEntry("cosine similarity to the nearest bank feature", lambda c: CosineKNN(1)),
     "cos5": ScorerEntry("mean cosine similarity to the 5 nearest bank features", lambda c: CosineKNN(5)),
     "cos1_norm": ScorerEntry("cos1 times the query's feature norm", lambda c: CosineKNN(1, use_norm=True)),
@@ -181,17 +296,15 @@ SCORERS: dict[str, ScorerEntry] = {
     "center": ScorerEntry("cosine similarity to the mean bank feature", lambda c: Center()),
     "mahalanobis": ScorerEntry("Mahalanobis distance, Ledoit-Wolf covariance (ranks as a Gaussian density)",
                                lambda c: Mahalanobis()),
-}
+}, keywords={ALL: "every registered scorer"})
 
 
 def scorer_names(names: Iterable[str]) -> list[str]:
-    """Scorer names with ``"all"`` expanded to every registered scorer, duplicates dropped and
+    """Scorer names with :data:`ALL` expanded to every registered scorer, duplicates dropped and
     unknown names rejected."""
     out: list[str] = []
-    for name in names:
-        for n in SCORERS if name == "all" else [name]:
-            if n not in SCORERS:
-                raise ValueError(f"unknown scorer {n!r}; choose from all, {', '.join(SCORERS)}")
+    for name in SCORERS.check(names):
+        for n in SCORERS if name == ALL else [name]:
             if n not in out:
                 out.append(n)
     return out
@@ -199,9 +312,7 @@ def scorer_names(names: Iterable[str]) -> list[str]:
 
 def build_scorer(name: str, config: EvalConfig | None = None) -> Scorer:
     """An unfitted scorer ``name`` with the settings of ``config`` (default ``EvalConfig()``)."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
-    return SCORERS[name].build(config or EvalConfig())
+    return SCORERS.get(name).build(config or EvalConfig())
 
 
 def fit_scorers(name: str, bank: FeatureSet, config: EvalConfig | None = None) -> list[Scorer]:

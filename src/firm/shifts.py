@@ -1,4 +1,4 @@
-"""Synthetic outliers: distribution-shifting transforms and the batch composition that uses them.
+"""Synthetic outliers: distribution-shifting transforms.
 
 A :class:`Shift` turns a batch of ID images into outliers. It may have several *variants*
 (rotation has three: 90, 180 and 270 degrees); every variant is one synthetic outlier kind and,
@@ -14,25 +14,24 @@ kind for all random shifts: the authors draw each image's outlier once, when the
 built, and reuse it in every epoch; here an outlier is drawn afresh each time a batch needs one.
 Smaller differences are named in each class.
 
-:func:`choose_shifts` (``--shifts auto``) decides from the normal images whether rotations
-make outliers of them, or whether cut-paste defects should.
-
-:class:`BatchPlan` decides which image and which variant (0 = the unshifted inlier) fills each
-slot of every batch, from a seeded generator, so an epoch's order can be rebuilt on resume.
+The name :data:`AUTO` (``--shifts auto``) is no shift: :func:`firm.shift_choice.choose_shifts`
+resolves it from the normal images.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import Registry
+from .views import grey
+
 __all__ = [
     "Shift", "Rotation", "HorizontalFlip", "CutPaste", "CutPasteScar", "Scramble", "Mixup", "PatchPermutation",
-    "ShiftSet", "ShiftEntry", "SHIFTS", "SHIFT_NAMES", "AUTO", "build_shifts", "choose_shifts", "BatchPlan",
+    "ShiftSet", "ShiftEntry", "SHIFTS", "AUTO", "build_shifts",
 ]
 
 
@@ -151,13 +150,6 @@ class CutPaste(Shift):
         return torch.where(inside.unsqueeze(1), moved, images)
 
 
-def _grey(images: Tensor) -> Tensor:
-    if images.shape[1] != 3:
-        return images.mean(1, keepdim=True)
-    r, g, b = images.unbind(1)
-    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-
-
 def _patch_jitter(images: Tensor, region: Tensor, strength: tuple[float, float, float, float], generator) -> Tensor:
     """Colour jitter of the patch ``region`` (B, 1, H, W): brightness, contrast (about the patch's
     mean grey, as torchvision's jitter of a cropped patch), saturation and hue, in that order.
@@ -173,12 +165,12 @@ def _patch_jitter(images: Tensor, region: Tensor, strength: tuple[float, float, 
         return _uniform(b, max(0.0, 1 - x), 1 + x, images, generator).view(b, 1, 1, 1)
 
     x = (images * factor(bright)).clamp(0, 1)
-    mean = (_grey(x) * region).sum((1, 2, 3), keepdim=True) / region.sum((1, 2, 3), keepdim=True).clamp(min=1)
+    mean = (grey(x) * region).sum((1, 2, 3), keepdim=True) / region.sum((1, 2, 3), keepdim=True).clamp(min=1)
     f = factor(contrast)
     x = (f * x + (1 - f) * mean).clamp(0, 1)
     if images.shape[1] == 3:
         f = factor(sat)
-        x = (f * x + (1 - f) * _grey(x)).clamp(0, 1)
+        x = (f * x + (1 - f) * grey(x)).clamp(0, 1)
         theta = _uniform(b, -hue, hue, images, generator) * 2 * math.pi
         cos, sin = theta.cos().view(b, 1, 1), theta.sin().view(b, 1, 1)
         eye = torch.eye(3, device=images.device)
@@ -404,7 +396,10 @@ class ShiftEntry(NamedTuple):
     description: str
 
 
-SHIFTS: dict[str, ShiftEntry] = {
+AUTO = "auto"
+"""The shift name that :func:`firm.shift_choice.choose_shifts` resolves from the normal images (not a shift itself)."""
+
+SHIFTS: Registry[ShiftEntry] = Registry("shift", {
     "rotation": ShiftEntry(Rotation, "rotations by 90, 180 and 270 degrees, three outlier kinds (the paper's default)"),
     "hflip": ShiftEntry(HorizontalFlip, "horizontal mirror image (the authors')"),
     "cutpaste": ShiftEntry(CutPaste, "a rectangle of 2-15% of the image, aspect 0.3-3.3, copied elsewhere in it "
@@ -416,10 +411,7 @@ SHIFTS: dict[str, ShiftEntry] = {
     "mixup": ShiftEntry(Mixup, "a blend with another normal image, weight ~ Beta(0.4, 0.4) (the authors' mixup)"),
     "permutation": ShiftEntry(PatchPermutation, "2x2 patches shuffled, never in place (ours, not the authors': "
                                                 "theirs is scramble)"),
-}
-SHIFT_NAMES = tuple(SHIFTS)
-AUTO = "auto"
-"""The shift name that :func:`choose_shifts` resolves from the normal images (not a shift itself)."""
+}, keywords={AUTO: "chosen from the normal images: rotation if they have an orientation, else cut-paste defects"})
 
 
 def build_shifts(names: list[str] | str) -> ShiftSet:
@@ -427,226 +419,6 @@ def build_shifts(names: list[str] | str) -> ShiftSet:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if AUTO in names:
-        raise ValueError("shifts 'auto' must be resolved from the normal images first: "
-                         "firm.shifts.choose_shifts(images) returns the shift names to build")
-    unknown = [n for n in names if n not in SHIFTS]
-    if unknown:
-        raise ValueError(f"unknown shift(s) {unknown}; choose from {', '.join(SHIFTS)} (or auto)")
-    return ShiftSet([SHIFTS[n].factory() for n in names])
-
-
-# ----------------------------------------------------------------------------- --shifts auto
-_AUTO_SIDE = 32  # side the images are reduced to before measuring anything
-_ORIENTATION_BINS = 12  # gradient-direction bins over the full circle (a quarter turn = 3 bins)
-_AUTO_ACCURACY = 0.75  # worst-turn accuracy for "oriented": at least half the turned copies recognisably not normal
-
-
-def _thumbnails(images: Tensor, side: int, chunk: int = 64) -> Tensor:
-    """Float ``(N, C, side, side)`` thumbnails in [0, 1] (antialiased resize), made a chunk at a time."""
-    out = []
-    for part in images.split(chunk):
-        x = part.float()
-        if images.dtype == torch.uint8:
-            x = x / 255
-        out.append(F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False).cpu())
-    return torch.cat(out)
-
-
-def _structure(grey: Tensor, sigma: float = 3.0) -> Tensor:
-    """``grey`` without its illumination: the best-fitting plane removed, then a Gaussian blur of it
-    (a high-pass). What is left is edges and texture, not the light's direction."""
-    n, _, h, w = grey.shape
-    ys = torch.linspace(-1, 1, h).view(1, 1, h, 1)
-    xs = torch.linspace(-1, 1, w).view(1, 1, 1, w)
-    # On a centred grid 1, y and x are orthogonal, so the least-squares plane is three projections.
-    plane = (grey.mean((2, 3), keepdim=True) + ys * (grey * ys).sum((2, 3), keepdim=True) / (ys.square().sum() * w)
-             + xs * (grey * xs).sum((2, 3), keepdim=True) / (xs.square().sum() * h))
-    flat = grey - plane
-    radius = int(3 * sigma)
-    t = torch.arange(-radius, radius + 1, dtype=grey.dtype)
-    k = torch.exp(-t.square() / (2 * sigma**2))
-    k = k / k.sum()
-    blurred = F.conv2d(F.pad(flat, (radius,) * 4, mode="reflect"), k.view(1, 1, 1, -1))
-    blurred = F.conv2d(blurred, k.view(1, 1, -1, 1))
-    return flat - blurred
-
-
-def _orientation_features(thumbs: Tensor) -> Tensor:
-    """Cheap rotation-sensitive descriptors of ``(N, C, S, S)`` thumbnails, ``(N, D)``.
-
-    Magnitude-weighted histograms of the gradient direction over the full circle (signed, so
-    that a top edge and a bottom edge differ) of the image's structure (:func:`_structure`), for
-    the whole image and each quarter; for colour images also where the colours are (4 x 4
-    chromaticity, relative to the image's mean): blue above, green below. Brightness layout is
-    left out on purpose: a lighting gradient, constant over an inspection set, would make any
-    texture look oriented. Quarter turns permute all of these exactly, so for images without an
-    orientation upright and turned copies have the same feature distribution.
-    """
-    n = thumbs.shape[0]
-    g = _structure(_grey(thumbs))[:, 0]
-    gx = g[:, 1:-1, 2:] - g[:, 1:-1, :-2]
-    gy = g[:, 2:, 1:-1] - g[:, :-2, 1:-1]
-    magnitude = (gx.square() + gy.square()).sqrt()
-    position = (torch.atan2(gy, gx) / (2 * math.pi) * _ORIENTATION_BINS) % _ORIENTATION_BINS
-    low = position.floor().long() % _ORIENTATION_BINS
-    frac = position - position.floor()
-    votes = torch.zeros(*magnitude.shape, _ORIENTATION_BINS)  # each pixel votes for its two nearest bins
-    votes.scatter_add_(-1, low.unsqueeze(-1), (magnitude * (1 - frac)).unsqueeze(-1))
-    votes.scatter_add_(-1, ((low + 1) % _ORIENTATION_BINS).unsqueeze(-1), (magnitude * frac).unsqueeze(-1))
-    side = magnitude.shape[-1]
-    half = side // 2
-    regions = torch.zeros(5, side, side)
-    regions[0] = 1
-    for r, (ys, xs) in enumerate([(slice(0, half), slice(0, half)), (slice(0, half), slice(half, side)),
-                                  (slice(half, side), slice(0, half)), (slice(half, side), slice(half, side))], start=1):
-        regions[r, ys, xs] = 1
-    hist = torch.einsum("nhwk,rhw->nrk", votes, regions)
-    parts = [(hist / hist.sum(-1, keepdim=True).clamp(min=1e-8)).reshape(n, -1)]
-    if thumbs.shape[1] == 3:
-        colour = F.adaptive_avg_pool2d(thumbs, 4)
-        chroma = (colour[:, :2] / colour.sum(1, keepdim=True).clamp(min=1e-3)).flatten(2)
-        parts.append((chroma - chroma.mean(2, keepdim=True)).flatten(1))
-    return torch.cat(parts, 1)
-
-
-def _held_out_accuracy(upright: Tensor, turned: Tensor, folds: Tensor, ridge: float = 1.0) -> float:
-    """Cross-validated accuracy of a ridge classifier telling ``upright`` rows from ``turned`` rows;
-    row ``i`` of both comes from image ``i`` and both go to fold ``folds[i]``."""
-    correct = 0
-    for k in folds.unique().tolist():
-        test, train = folds == k, folds != k
-        x = torch.cat([upright[train], turned[train]]).double()
-        y = torch.cat([-torch.ones(int(train.sum())), torch.ones(int(train.sum()))]).double()
-        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-        x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        penalty = ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
-        penalty[-1, -1] = 0  # the intercept is not shrunk
-        weights = torch.linalg.solve(x.T @ x + penalty, x.T @ y)
-        for rows, sign in ((upright[test], -1), (turned[test], 1)):
-            z = torch.cat([(rows.double() - mean) / std, torch.ones(len(rows), 1, dtype=x.dtype)], 1)
-            correct += int(((z @ weights) * sign > 0).sum())
-    return correct / (2 * len(folds))
-
-
-def choose_shifts(images: Tensor, seed: int = 0, max_images: int = 1000) -> tuple[list[str], str]:
-    """Pick synthetic outliers for ``--shifts auto`` from the normal images alone.
-
-    ``images``: the normal training images, ``(N, C, H, W)``, uint8 (or float in [0, 1]).
-    Returns the shift names and a one-line reason with the measured accuracy (the detector
-    prints it).
-
-    Rotation outliers help only if a rotated normal image is *not* normal: upright objects,
-    clothes, digits, aligned parts. For rotation-invariant images (textures, parts photographed
-    in any orientation) a rotated copy is another normal image, and calling it an outlier teaches
-    the encoder to push normal images apart. So this measures whether turned copies can be told
-    from upright ones. Up to ``max_images`` images (a seeded subset) become 32 x 32 thumbnails;
-    for each turn (90, 180, 270 degrees) a ridge classifier on cheap rotation-sensitive
-    descriptors that ignore the lighting (:func:`_orientation_features`) learns upright vs turned
-    copies, and is scored on held-out images (5 folds, both copies of an image in the same fold).
-    If even the worst turn is told apart with at least 75% accuracy (so at least half the turned
-    copies are recognisably not normal; and three binomial standard errors above chance, which
-    matters below ~40 images), the images have an orientation and the choice is ``["rotation"]``
-    (the paper's outliers, all three turns). Otherwise they are taken as rotation-invariant and
-    the choice is ``["cutpaste", "cutpaste_scar"]``: local defects, outliers of any image, the
-    two kinds the CutPaste paper's best detector used together, and the authors' outliers for
-    MVTec AD in some versions of their code. Fewer than 4 images cannot be tested: cut-paste.
-
-    A cheap proxy: a CNN sees orientation that these descriptors miss, so natural photos with a
-    weak orientation (animals in varied poses, e.g. some CIFAR-10 classes, 55-70%) get cut-paste;
-    set the shifts by hand to override. About a second for 200 images of 256 px on one CPU
-    thread; deterministic for a given ``seed``.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"choose_shifts needs images (N, C, H, W), got shape {tuple(images.shape)}")
-    cut = ["cutpaste", "cutpaste_scar"]
-    n = len(images)
-    if n < 4:
-        return cut, f"only {n} normal image(s): too few to test for an orientation, so cut-paste defects"
-    gen = torch.Generator().manual_seed(seed)
-    if n > max_images:
-        images = images[torch.randperm(n, generator=gen)[:max_images].to(images.device)]
-        n = max_images
-    thumbs = _thumbnails(images, _AUTO_SIDE)
-    upright = _orientation_features(thumbs)
-    folds = torch.randperm(n, generator=gen) % min(5, n)
-    # 270 degrees is the 90-degree problem mirrored (the descriptors permute exactly under quarter
-    # turns, so it is the same problem with the labels swapped): same accuracy, not measured twice.
-    quarter, half = (_held_out_accuracy(upright, _orientation_features(torch.rot90(thumbs, k, (-2, -1))), folds)
-                     for k in (1, 2))
-    worst = min(quarter, half)
-    needed = max(_AUTO_ACCURACY, 0.5 + 3 * 0.5 / math.sqrt(2 * n))
-    detail = (f"upright and turned copies told apart with {worst:.0%} held-out accuracy at worst "
-              f"(90 and 270 degrees {quarter:.0%}, 180 degrees {half:.0%}; chance 50%, needed {needed:.0%})")
-    if worst >= needed:
-        return ["rotation"], f"{detail}: the images have an orientation, so rotations make outliers"
-    return cut, f"{detail}: the images look rotation-invariant, so cut-paste defects make outliers"
-
-
-# ----------------------------------------------------------------------------- batch composition
-@dataclass
-class BatchPlan:
-    """Which source image and which variant fill each batch slot, epoch by epoch.
-
-    ``id_share=None`` is the authors' composition: the epoch's pool holds every ID image once
-    unshifted and once per outlier variant (so with three rotations 1/4 of a batch is ID), shuffled
-    and cut into batches. With ``id_share=p`` each batch holds ``round(p * batch_size)`` inliers,
-    walking through a permutation of the ID images once per epoch, and the other slots are
-    outliers made from random images with random variants.
-    ``outlier_sources`` is the number of images outliers are drawn from (the ID images for shifts,
-    an auxiliary set for Outlier Exposure).
-    """
-
-    num_images: int
-    batch_size: int
-    num_variants: int
-    id_share: float | None = None
-    outlier_sources: int | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.num_images < 1:
-            raise ValueError("the training set is empty: there are no normal images to train on")
-        if self.id_share is not None and not 0 < self.id_share < 1:
-            raise ValueError(f"id_share must be in (0, 1), got {self.id_share}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
-        if self.outlier_sources is None:
-            self.outlier_sources = self.num_images
-
-    @property
-    def inliers_per_batch(self) -> int:
-        if self.id_share is None:
-            return self.batch_size
-        return max(1, min(self.batch_size - 1, round(self.id_share * self.batch_size)))
-
-    def steps_per_epoch(self) -> int:
-        """Number of full batches in an epoch (a last partial batch is dropped)."""
-        if self.id_share is None:
-            return max(1, self.num_images * (1 + self.num_variants) // self.batch_size)
-        return max(1, math.ceil(self.num_images / self.inliers_per_batch))
-
-    def epoch(self, epoch: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """``(source_index, variant)``, each ``(steps, batch_size)``; variant 0 = inlier.
-
-        For inliers ``source_index`` indexes the ID images, for outliers the outlier sources.
-        """
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
-        steps, b = self.steps_per_epoch(), self.batch_size
-        if self.id_share is None:
-            size = self.num_images * (1 + self.num_variants)
-            # A pool smaller than one batch (few images, large batch) is drawn several times over.
-            pool = torch.cat([torch.randperm(size, generator=gen) for _ in range(math.ceil(steps * b / size))])
-            pool = pool[: steps * b]
-            index, variant = pool % self.num_images, pool // self.num_images
-            if self.outlier_sources != self.num_images:
-                random_source = torch.randint(self.outlier_sources, (len(pool),), generator=gen)
-                index = torch.where(variant > 0, random_source, index)
-        else:
-            k = self.inliers_per_batch
-            reps = math.ceil(steps * k / self.num_images)
-            inliers = torch.cat([torch.randperm(self.num_images, generator=gen) for _ in range(reps)])[: steps * k]
-            outliers = torch.randint(self.outlier_sources, (steps * (b - k),), generator=gen)
-            out_variant = torch.randint(1, self.num_variants + 1, (steps * (b - k),), generator=gen)
-            index = torch.cat([inliers.view(steps, k), outliers.view(steps, b - k)], 1)
-            variant = torch.cat([torch.zeros(steps, k, dtype=torch.long), out_variant.view(steps, b - k)], 1)
-        return index.view(steps, b).to(device), variant.view(steps, b).to(device)
+        raise ValueError(f"shifts {AUTO!r} must be resolved from the normal images first: "
+                         "firm.shift_choice.choose_shifts(images) returns the shift names to build")
+    return ShiftSet([SHIFTS.get(n).factory() for n in names])

@@ -1,7 +1,7 @@
 """Training: batches of inliers and synthetic outliers, two views, the encoder, the loss.
 
 The whole step runs on the model's device without per-image Python work: the images live there
-as uint8, a :class:`~firm.shifts.BatchPlan` says which image and which shift fills each slot, and
+as uint8, a :class:`BatchPlan` says which image and which shift fills each slot, and
 shifts and views are batched tensor operations. Under ``torchrun`` every rank takes its slice of
 each global batch and the loss gathers the embeddings of all ranks.
 
@@ -26,35 +26,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
-from .losses import LOSSES, batch_labels, build_loss, resolve_mode
+from .config import TrainConfig, check_ranges
+from .losses import batch_labels, build_loss
 from .models import Encoder
 from .serialization import ModelFileError, atomic_write, load_tensors, save_tensors, to_cpu_state
-from .shifts import BatchPlan, build_shifts
+from .shifts import AUTO, build_shifts
 from .views import ViewAugment, ViewConfig
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve_device", "machine_info", "init_distributed",
-           "check_train_config", "TrainFiles"]
+__all__ = ["TrainConfig", "Trainer", "BatchPlan", "TrainingError", "resolve_device", "machine_info", "init_distributed",
+           "TrainFiles"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN); the last checkpoint is kept."""
-
-
-def check_train_config(config: TrainConfig) -> None:
-    """Refuse settings training cannot use, naming the setting (before any image is read)."""
-    if config.loss not in LOSSES:
-        raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
-    resolve_mode(config.loss, config.loss_mode)
-    for name in ("epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.lr <= 0 or config.tau <= 0:
-        raise ValueError(f"lr and tau must be positive, got lr {config.lr}, tau {config.tau}")
-    if not 0 < config.warmup < 1:
-        raise ValueError(f"warmup (the one-cycle warm-up share) must be in (0, 1), got {config.warmup}")
-    if config.shifts != ["auto"]:
-        build_shifts(config.shifts)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -105,6 +89,75 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass
+class BatchPlan:
+    """Which source image and which variant fill each batch slot, epoch by epoch.
+
+    ``id_share=None`` is the authors' composition: the epoch's pool holds every ID image once
+    unshifted and once per outlier variant (so with three rotations 1/4 of a batch is ID), shuffled
+    and cut into batches. With ``id_share=p`` each batch holds ``round(p * batch_size)`` inliers,
+    walking through a permutation of the ID images once per epoch, and the other slots are
+    outliers made from random images with random variants.
+    ``outlier_sources`` is the number of images outliers are drawn from (the ID images for shifts,
+    an auxiliary set for Outlier Exposure).
+    """
+
+    num_images: int
+    batch_size: int
+    num_variants: int
+    id_share: float | None = None
+    outlier_sources: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_images < 1:
+            raise ValueError("the training set is empty: there are no normal images to train on")
+        if self.id_share is not None and not 0 < self.id_share < 1:
+            raise ValueError(f"id_share must be in (0, 1), got {self.id_share}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
+        if self.outlier_sources is None:
+            self.outlier_sources = self.num_images
+
+    @property
+    def inliers_per_batch(self) -> int:
+        if self.id_share is None:
+            return self.batch_size
+        return max(1, min(self.batch_size - 1, round(self.id_share * self.batch_size)))
+
+    def steps_per_epoch(self) -> int:
+        """Number of full batches in an epoch (a last partial batch is dropped)."""
+        if self.id_share is None:
+            return max(1, self.num_images * (1 + self.num_variants) // self.batch_size)
+        return max(1, math.ceil(self.num_images / self.inliers_per_batch))
+
+    def epoch(self, epoch: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """``(source_index, variant)``, each ``(steps, batch_size)``; variant 0 = inlier.
+
+        For inliers ``source_index`` indexes the ID images, for outliers the outlier sources.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
+        steps, b = self.steps_per_epoch(), self.batch_size
+        if self.id_share is None:
+            size = self.num_images * (1 + self.num_variants)
+            # A pool smaller than one batch (few images, large batch) is drawn several times over.
+            pool = torch.cat([torch.randperm(size, generator=gen) for _ in range(math.ceil(steps * b / size))])
+            pool = pool[: steps * b]
+            index, variant = pool % self.num_images, pool // self.num_images
+            if self.outlier_sources != self.num_images:
+                random_source = torch.randint(self.outlier_sources, (len(pool),), generator=gen)
+                index = torch.where(variant > 0, random_source, index)
+        else:
+            k = self.inliers_per_batch
+            reps = math.ceil(steps * k / self.num_images)
+            inliers = torch.cat([torch.randperm(self.num_images, generator=gen) for _ in range(reps)])[: steps * k]
+            outliers = torch.randint(self.outlier_sources, (steps * (b - k),), generator=gen)
+            out_variant = torch.randint(1, self.num_variants + 1, (steps * (b - k),), generator=gen)
+            index = torch.cat([inliers.view(steps, k), outliers.view(steps, b - k)], 1)
+            variant = torch.cat([torch.zeros(steps, k, dtype=torch.long), out_variant.view(steps, b - k)], 1)
+        return index.view(steps, b).to(device), variant.view(steps, b).to(device)
+
+
 @dataclass(frozen=True)
 class TrainFiles:
     """Where a Trainer writes: the JSON-lines log and the (atomically replaced) checkpoint."""
@@ -128,9 +181,10 @@ class Trainer:
     def __init__(self, model: Encoder, config: TrainConfig, images: Tensor, class_labels: Tensor | None = None,
                  auxiliary: Tensor | None = None, files: TrainFiles | None = None,
                  evaluate: Callable[[Encoder, int], dict] | None = None, progress: bool = True):
-        check_train_config(config)
-        if config.shifts == ["auto"]:
-            raise ValueError("shifts 'auto' must be resolved from the normal images before training (firm.shifts.choose_shifts)")
+        check_ranges(config)
+        if config.shifts == [AUTO]:
+            raise ValueError(f"shifts {AUTO!r} must be resolved from the normal images before training "
+                             "(firm.shift_choice.choose_shifts)")
         self.config = config
         self.device = init_distributed(config.device)
         self.rank, self.world = _rank_world()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ViewConfig", "ViewAugment", "random_resized_crop", "color_jitter", "gaussian_blur"]
+__all__ = ["ViewConfig", "ViewAugment", "random_resized_crop", "color_jitter", "gaussian_blur", "grey"]
 
 
 def _uniform(shape, low: float, high: float, images: Tensor, generator) -> Tensor:
@@ -39,7 +39,8 @@ def random_resized_crop(images: Tensor, size: int, scale: tuple[float, float] = 
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _grey(images: Tensor) -> Tensor:
+def grey(images: Tensor) -> Tensor:
+    """Luminance ``(B, 1, H, W)`` of RGB images (ITU-R 601 weights); grey images as they are."""
     if images.shape[1] == 1:
         return images
     r, g, b = images.unbind(1)
@@ -87,8 +88,8 @@ def color_jitter(images: Tensor, brightness: float = 0.4, contrast: float = 0.4,
 
     ops = {
         "brightness": lambda img, f: (img * f).clamp(0, 1),
-        "contrast": lambda img, f: blend(img, _grey(img).mean((1, 2, 3), keepdim=True), f),
-        "saturation": lambda img, f: blend(img, _grey(img), f),
+        "contrast": lambda img, f: blend(img, grey(img).mean((1, 2, 3), keepdim=True), f),
+        "saturation": lambda img, f: blend(img, grey(img), f),
     }
     factors = {"brightness": factor(brightness), "contrast": factor(contrast), "saturation": factor(saturation)}
     colour = images.shape[1] == 3
