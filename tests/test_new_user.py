@@ -4,7 +4,6 @@ wrong shape, a missing optional extra, and results a person can read. Each test 
 files in ``tmp_path``; the models are tiny and train for an epoch or two."""
 import json
 import os
-import stat
 import sys
 import zlib
 import struct
@@ -154,3 +153,206 @@ def test_16_bit_noise_is_not_mostly_white(tmp_path):
     noise = np.random.default_rng(0).integers(0, 65536, (32, 32)).astype(np.uint16)
     images = load_image_folder(_png16(tmp_path / "noise.png", noise), size=32, channels=1).images
     assert 0.4 < float((images > 127).float().mean()) < 0.6
+
+
+# --------------------------------------------------------------- outputs are checked before any work
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny fitted model and labelled test folders whose files share names (two ``000.png``)."""
+    root = tmp_path_factory.mktemp("fitted")
+    _pngs(root / "normal")
+    _pngs(root / "test" / "good", split="test", count=12)
+    _pngs(root / "test" / "seven", digit=7, split="test", count=6)
+    _pngs(root / "test" / "nine", digit=9, split="test", count=6)
+    assert main(["fit", "--normal-dir", str(root / "normal"), "--out", str(root / "model"), *SMALL, "--epochs", "1"]) == 0
+    return root
+
+
+def _model(fitted: Path, tmp_path: Path) -> Path:
+    import shutil
+    return Path(shutil.copytree(fitted / "model", tmp_path / "model"))
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the command started its work although its output was refused")
+
+
+def _evaluate(fitted: Path, model: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--model", str(model), "--normal-dir", str(fitted / "test" / "good"), "--anomaly-dir",
+            str(fitted / "test" / "seven"), str(fitted / "test" / "nine"), "--scorers", "cos1",
+            "--quiet", *extra]
+
+
+def test_score_refuses_an_existing_file_without_overwrite(fitted, tmp_path, capsys, monkeypatch):
+    model = _model(fitted, tmp_path)
+    out = tmp_path / "ranked.csv"
+    out.write_text("mine\n")
+    argv = ["score", "--model", str(model), str(fitted / "test"), "--out", str(out), "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr("firm.detector.FIRMDetector.load", _never)
+        assert main(argv) == 1
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "mine\n"
+    assert main([*argv, "--overwrite"]) == 0
+    assert out.read_text().startswith("rank,path,score,flagged")
+
+
+def test_score_never_replaces_the_files_of_evaluate(fitted, tmp_path, capsys):
+    model = _model(fitted, tmp_path)
+    assert main(_evaluate(fitted, model)) == 0
+    before = (model / "scores.csv").read_text()
+    for extra in ([], ["--overwrite"]):
+        assert main(["score", "--model", str(model), str(fitted / "test"), "--out", str(model / "scores.csv"),
+                     "--quiet", *extra]) == 1
+        assert "firm evaluate" in capsys.readouterr().err
+    assert (model / "scores.csv").read_text() == before
+
+
+@pytest.mark.parametrize("command", ["report", "export", "evaluate"])
+def test_an_unrelated_non_empty_folder_is_refused(fitted, tmp_path, capsys, monkeypatch, command):
+    model = _model(fitted, tmp_path)
+    if command == "report":
+        assert main(_evaluate(fitted, model)) == 0
+    folder = tmp_path / "holiday photos"
+    folder.mkdir()
+    (folder / "beach.jpg").write_bytes(b"mine")
+    argv = {"report": ["report", str(model)], "export": ["export", "--model", str(model)],
+            "evaluate": _evaluate(fitted, model)}[command] + ["--out", str(folder)]
+    for target in ("firm.report.build_report", "firm.export.export_onnx", "firm.inference.evaluate_model"):
+        monkeypatch.setattr(target, _never)
+    assert main(argv) == 1
+    assert "did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["beach.jpg"]
+
+
+@pytest.mark.parametrize("command", ["report", "export", "evaluate"])
+def test_an_earlier_output_is_replaced_only_with_overwrite(fitted, tmp_path, capsys, command):
+    model = _model(fitted, tmp_path)
+    if command == "report":
+        assert main(_evaluate(fitted, model)) == 0
+    argv = {"report": ["report", str(model), "--quiet"], "export": ["export", "--model", str(model)],
+            "evaluate": _evaluate(fitted, model)}[command]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_evaluate_on_a_read_only_model_folder_says_so_before_scoring(fitted, tmp_path, capsys, monkeypatch):
+    model = _model(fitted, tmp_path)
+    real_access = os.access
+    # as root, a folder without write permission is still writable: refuse it the way a mount would
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == model and mode == os.W_OK
+                        else real_access(p, mode, **kw))
+    monkeypatch.setattr("firm.inference.evaluate_model", _never)
+    assert main(_evaluate(fitted, model)) == 1
+    err = capsys.readouterr().err
+    assert "read-only" in err and "--out" in err and "Errno" not in err
+    monkeypatch.undo()
+    assert main(_evaluate(fitted, model, "--out", str(tmp_path / "results"))) == 0
+    assert (tmp_path / "results" / "scores.csv").exists()
+
+
+# --------------------------------------------------------------- values of the wrong shape
+@pytest.mark.parametrize("yaml_text, named", [("normal_dir: good\n", "normal_dir"),
+                                              ("out: [a, b]\n", "out"),
+                                              ("overwrite: maybe\n", "overwrite"),
+                                              ("epochs: [1, 2]\n", "epochs"),
+                                              ("shifts: {rotation: 1}\n", "shifts"),
+                                              ("train: {lr: [0.1]}\n", "lr")])
+def test_yaml_values_of_the_wrong_shape_are_refused_by_name(tmp_path, capsys, monkeypatch, yaml_text, named):
+    _pngs(tmp_path / "good")
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml_text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(FIRMDetector, "fit", _never)
+    argv = ["fit", "--config", str(config), "--quiet"] + ([] if "normal_dir" in yaml_text else ["--normal-dir", "good"])
+    argv += [] if "out:" in yaml_text else ["--out", "model"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "model").exists()
+
+
+def test_a_yaml_list_of_folders_is_accepted(tmp_path, monkeypatch):
+    _pngs(tmp_path / "good")
+    (tmp_path / "fit.yaml").write_text("normal_dir: [good]\nout: model\nepochs: 1\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", "fit.yaml", *SMALL]) == 0
+
+
+@pytest.mark.parametrize("entry, value", [("threshold", "high"), ("holdout_scores", "none"),
+                                          ("settings.eval.scorer", "cos3"), ("settings.model.width", "wide")])
+@pytest.mark.parametrize("command", ["score", "evaluate", "report", "export"])
+def test_a_bad_value_in_config_json_is_a_clean_error_in_every_command(fitted, tmp_path, capsys, entry, value, command):
+    model = _model(fitted, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    where = config if entry.startswith("settings") else config["state"]
+    *parents, leaf = entry.split(".")
+    for key in parents:
+        where = where[key]
+    where[leaf] = value
+    (model / "config.json").write_text(json.dumps(config))
+    argv = {"score": ["score", "--model", str(model), str(fitted / "test"), "--out", str(tmp_path / "s.csv")],
+            "evaluate": _evaluate(fitted, model), "report": ["report", str(model)],
+            "export": ["export", "--model", str(model)]}[command]
+    assert main([*argv, "--quiet"] if command != "evaluate" else argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"firm {command}: error: ") and err.count("\n") == 1 and leaf in err, err
+
+
+# --------------------------------------------------------------- optional parts fail cleanly
+def test_export_without_the_onnx_extra_names_it_and_leaves_nothing(fitted, tmp_path, capsys, monkeypatch):
+    model = _model(fitted, tmp_path)
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["export", "--model", str(model), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert '.[onnx]' in err and "onnxruntime" in err and err.count("\n") == 1
+    assert not (model / "onnx").exists()
+
+
+# --------------------------------------------------------------- results a person can read
+def test_the_report_names_images_by_folder_and_file_and_the_folders_evaluated(fitted, tmp_path):
+    from firm.report import short_names
+    model = _model(fitted, tmp_path)
+    assert main(_evaluate(fitted, model)) == 0
+    assert main(["report", str(model), "--quiet"]) == 0
+    page = (model / "report" / "index.html").read_text()
+    assert "evaluated on" in page
+    summary = page[page.index("evaluated on"):][:300]
+    assert "normal good (12 images)" in summary and "anomalous nine, seven (12 images)" in summary
+    paths = ["/data/a/test/seven/000.png", "/data/a/test/nine/000.png", "/data/b/test/nine/000.png"]
+    assert short_names(paths) == ["a/test/seven/000.png", "a/test/nine/000.png", "b/test/nine/000.png"]
+    assert short_names(paths[:2]) == ["seven/000.png", "nine/000.png"]
+
+
+# --------------------------------------------------------------- the README's two commands
+def test_the_readme_test_command_has_its_own_fresh_environment_and_ci_runs_exactly_it():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## The two commands"):]
+    demo, tests = [block.strip() for block in section.split("```bash")[1:3]]
+    demo, tests = demo.split("```")[0].strip(), tests.split("```")[0].strip()
+    assert ". .venv/bin/activate" in demo and "firm demo" in demo
+    assert tests.startswith("python3 -m venv --clear .venv-test && . .venv-test/bin/activate") and ".venv/" not in tests
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == tests
+
+
+def test_demo_says_when_it_reused_finished_runs(tmp_path, monkeypatch, capsys):
+    import firm.bench
+
+    def finished(specs, settings, out, preset, progress, log):
+        for spec in specs[:3]:
+            log(f"skip {spec.key} (done)")
+        return [{"loss": s.loss, "normal_class": s.normal_class, "total_seconds": 1.0,
+                 "records": [{"final": True, "scorer": "cos1", "tta": "none", "auroc": 0.9}]} for s in specs]
+    monkeypatch.setattr(firm.bench, "run_grid", finished)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "reused 3 of 20 runs finished earlier" in out

@@ -162,7 +162,7 @@ def _speedup_cell(c: dict) -> str:
     r = c["result"]
     if r is None:
         return "- (FIRM reached the target in no cell)"
-    return f"{_compact(r, _factor)} over {r.n_pairs} cells"
+    return f"{_compact(r, _factor)} over {r.n_pairs} cell{'s' if r.n_pairs != 1 else ''}"
 
 
 def _speed_table(comps: list[dict]) -> str:
@@ -440,12 +440,12 @@ def _plot_ladder(ladder: dict, path: Path) -> None:
         ax_speed.set_yscale("log")
         ax_speed.yaxis.set_major_formatter(ScalarFormatter())
         ax_speed.yaxis.set_minor_formatter(NullFormatter())
-        for ax, ylabel in ((ax_gain, "AUROC gain of FIRM, points"), (ax_speed, "speed-up of FIRM where it reached, x")):
+        for ax, ylabel in ((ax_gain, "AUROC gain of FIRM, points"), (ax_speed, "speed-up of FIRM where it got there, x")):
             ax.set_xscale("log")
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.set_xlabel("budget (epochs)", fontsize=8)
-            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_ylabel(f"{ylabel}\n(bars: 95 % interval, or class range if < {MIN_CLASSES} classes)", fontsize=8)
             ax.set_title(f"{dataset} ({eval_set})", fontsize=9)
             ax.grid(alpha=0.3)
         ax_speed.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # the same lines in both panels

@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-tta", default="none,angled", type=_name_list("final_tta"), metavar="LIST",
                    help=f"{describe('final_tta')}; comma list of: {', '.join(_choices('final_tta'))}")
     p.add_argument("--out", help="folder for results.json and scores.csv (default: the run or model folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace results.json and scores.csv already there")
     p.add_argument("--mask-dir", help="ground-truth masks of the folders' images (MASK_DIR/<folder>/<stem>_mask.png or "
                    "MASK_DIR/<stem>_mask.png): adds the anomaly maps' pixel AUROC and PRO (model fitted with patch_bank > 0)")
 
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder")
     p.add_argument("inputs", nargs="*", help="image files or folders")
     p.add_argument("--out", default="scores.csv", help="CSV to write (rank, path, score, flagged)")
+    p.add_argument("--overwrite", action="store_true", help="replace the CSV already at --out (never firm evaluate's "
+                   "scores.csv)")
     p.add_argument("--threshold", type=float, help="override the model's threshold")
     p.add_argument("--maps", metavar="DIR", help="also write anomaly-map overlays (PNG) and index.csv to DIR, a new or "
                    "empty folder (firm report shows MODEL/maps); needs a model fitted with patch_bank > 0")
@@ -242,17 +245,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("run_dir", nargs="?", help="run or model folder (with scores.csv from firm evaluate, if any)")
     p.add_argument("--out", help="report folder (default: RUN_DIR/report)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report already in the folder")
 
     p = sub.add_parser("export", formatter_class=fmt, help="export the encoder to ONNX with its feature bank, check parity")
     _add_common(p)
     p.add_argument("--model", help="model folder")
     p.add_argument("--out", help="export folder (default: MODEL/onnx)")
+    p.add_argument("--overwrite", action="store_true", help="replace the export already in the folder")
     return parser
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices[command]
+
+
+def _yaml_option(action: argparse.Action, value):
+    """The value of an option (not a setting) from a --config file, in the form the command line
+    gives it; a ValueError naming the option when its shape is wrong (``normal_dir: good`` where
+    a list of folders is expected would otherwise be read letter by letter)."""
+    name = action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list) or any(isinstance(v, (list, dict)) for v in value):
+            raise ValueError(f"{name} must be a list, e.g. {name}: [{value if isinstance(value, str) else '...'}]; "
+                             f"got {value!r}")
+        return [str(v) for v in value]
+    if isinstance(value, list) and getattr(action.type, "__name__", "") == "list":
+        value = ",".join(map(str, value))  # a comma-list option written as a YAML list
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{name} must be a single value, got {value!r}")
+    return value if value is None or isinstance(value, bool) else str(value)  # strings are parsed as on the command line
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Settings | None]:
@@ -287,6 +313,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.N
                 (yaml_settings if name in _SETTINGS_NAMES else options)[name] = value
             else:
                 parser.error(f"--config {path}: unknown option {key!r} for firm {args.command}")
+        actions = {a.dest: a for a in sub._actions}
+        try:
+            options = {name: _yaml_option(actions[name], value) for name, value in options.items()}
+        except ValueError as e:
+            sub.error(f"--config {path}: {e}")
         sub.set_defaults(**options)
         args = parser.parse_args(argv)
     if "preset" not in dests:
@@ -387,6 +418,9 @@ def cmd_train(args, settings: Settings) -> None:
 
 def cmd_evaluate(args) -> None:
     from .inference import evaluate_model
+    from .rundir import RESULTS, SCORES, check_output_folder
+    check_output_folder(args.out or args.run_dir or args.model or ".", (RESULTS, SCORES), args.overwrite,
+                        default=not args.out)
     records = evaluate_model(args.run_dir, args.model, args.normal_dir, args.anomaly_dir, args.data_root,
                              args.ood or [], args.scorers, args.final_tta,
                              args.out, progress=_progress(args), mask_dir=args.mask_dir)
@@ -404,8 +438,12 @@ def cmd_demo(args) -> None:
     from .serialization import write_json
     settings = apply_overrides(preset("demo"), {"epochs": args.epochs})
     specs = plan_grid(settings, ["digits"], None, ["firm", "ntxent"], [0])
+    reused = []
     results = run_grid(specs, settings, args.out, "demo", progress=_progress(args),
-                       log=lambda m: None if m.startswith("skip") else print(m))
+                       log=lambda m: reused.append(m) if m.startswith("skip") else print(m))
+    if reused:
+        print(f"reused {len(reused)} of {len(specs)} runs finished earlier in {args.out} (not trained again; remove "
+              "the folder or pass another --out to train them anew)")
     final = {(r["loss"], r["normal_class"]): x["auroc"] for r in results for x in r["records"]
              if x["final"] and x["scorer"] == "cos1" and x["tta"] == "none"}
     means = {loss: sum(values) / len(values) for loss in ("firm", "ntxent")
@@ -493,7 +531,7 @@ def cmd_score(args) -> None:
     from .inference import score_to_csv
     from .rundir import check_output_file, prepare_output
     _require(args, "model", "inputs")
-    out = check_output_file(args.out)
+    out = check_output_file(args.out, args.overwrite)
     maps = Path(args.maps) if args.maps else None
     if maps is not None and maps.is_dir() and any(maps.iterdir()):
         raise FileExistsError(f"--maps {maps} is not empty; choose a new or empty folder for the overlays")
@@ -510,15 +548,20 @@ def cmd_score(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import build_report
+    from .report import REPORT_FILES, build_report
+    from .rundir import REPORT, check_output_folder
     _require(args, "run_dir")
-    print(f"report written to {build_report(args.run_dir, args.out, progress=_progress(args))}")
+    out = check_output_folder(args.out or Path(args.run_dir) / REPORT, REPORT_FILES, args.overwrite, default=not args.out)
+    print(f"report written to {build_report(args.run_dir, out, progress=_progress(args))}")
 
 
 def cmd_export(args) -> None:
-    from .export import export_onnx
+    from .export import EXPORT_FILES, export_onnx, require_onnx
+    from .rundir import ONNX, check_output_folder
     _require(args, "model")
-    summary = export_onnx(args.model, args.out)
+    require_onnx()
+    out = check_output_folder(args.out or Path(args.model) / ONNX, EXPORT_FILES, args.overwrite, default=not args.out)
+    summary = export_onnx(args.model, out)
     print(f"ONNX model written to {summary['path']}; max |score difference| vs PyTorch {summary['max_abs_diff']:.2e}")
 
 

@@ -257,6 +257,8 @@ def _coerce(cls: type, name: str, value):
             return None if optional else []
         raise SettingsError(f"setting {name!r} cannot be empty")
     if is_list or is_tuple:
+        if not isinstance(value, (str, list, tuple)):
+            raise SettingsError(f"setting {name!r}: expected a list (or a comma list), got {value!r}")
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
         items = [_scalar(name, base, v) for v in items]
         return tuple(items) if is_tuple else items
@@ -264,6 +266,8 @@ def _coerce(cls: type, name: str, value):
 
 
 def _scalar(name: str, base: type, value):
+    if isinstance(value, (list, tuple, dict)):  # str() would accept any of them as text
+        raise SettingsError(f"setting {name!r}: expected one value, got {value!r}")
     try:
         if base is bool:
             if isinstance(value, bool):

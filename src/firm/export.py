@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BANK_NPY", "DEPLOY_FILE", "ENCODER_FILE", "ExportError", "OnnxDetector", "export_onnx"]
+__all__ = ["BANK_NPY", "DEPLOY_FILE", "ENCODER_FILE", "EXPORT_FILES", "ExportError", "MissingExtraError", "OnnxDetector",
+           "export_onnx", "require_onnx"]
 
 ENCODER_FILE = "encoder.onnx"
 BANK_NPY = "bank.npy"
 DEPLOY_FILE = "detector.json"
+EXPORT_FILES = (ENCODER_FILE, BANK_NPY, DEPLOY_FILE)
 DEPLOY_FORMAT = "firm-onnx"
 _SCORER = re.compile(r"^cos(\d+)(_norm)?$")
 _TTA_TURNS = {"none": 1, "angled": 4}  # "ensemble" uses random crops: not reproducible outside torch
@@ -31,6 +33,20 @@ _TTA_TURNS = {"none": 1, "angled": 4}  # "ensemble" uses random crops: not repro
 
 class ExportError(ValueError):
     """The exported model does not reproduce the detector's scores (a ValueError, so the CLI reports it plainly)."""
+
+
+class MissingExtraError(ValueError):
+    """An optional part of firm is not installed (a ValueError, so the CLI reports it plainly)."""
+
+
+def require_onnx() -> None:
+    """Raise :class:`MissingExtraError`, naming the extra to install, when onnx or onnxruntime
+    is missing (the demo's install leaves them out)."""
+    import importlib.util
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"ONNX export needs the onnx extra ({' and '.join(missing)} missing here): "
+                                'run pip install -e ".[onnx]" in the firm repository, or pip install onnx onnxruntime')
 
 
 def _check_scoring(scorer: str, tta: str, center_crop: float = 1.0) -> tuple[int, bool]:
@@ -129,14 +145,31 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     :class:`ExportError` if they differ by more than ``tolerance``. Returns a summary dict."""
     from .detector import FIRMDetector
     from .rundir import ONNX
-    from .serialization import atomic_write, write_json
+    require_onnx()
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / ONNX
     det = FIRMDetector.load(model_dir, progress=False)
     scorer, tta = det.settings_.eval.scorer, det.settings_.eval.tta
     k, _ = _check_scoring(scorer, tta, det.settings_.eval.center_crop)
-    size, channels = det.encoder_.config.image_size, det.encoder_.config.in_channels
+    new_folder = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _export(det, out, k, check_images, tolerance)
+    except ExportError:
+        raise  # its message points at the files, to be looked at
+    except BaseException:
+        # an export that failed leaves nothing: no half-written folder that looks like an export
+        for name in EXPORT_FILES:
+            (out / name).unlink(missing_ok=True)
+        if new_folder and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _export(det, out: Path, k: int, check_images: int, tolerance: float) -> dict:
+    from .serialization import atomic_write, write_json
+    scorer, tta = det.settings_.eval.scorer, det.settings_.eval.tta
+    size, channels = det.encoder_.config.image_size, det.encoder_.config.in_channels
     _export_backbone(det.encoder_, out / ENCODER_FILE, size, channels)
     bank = det.bank_.features[:_TTA_TURNS[tta], 0].float().numpy()
     buf = io.BytesIO()

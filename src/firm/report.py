@@ -13,6 +13,7 @@ import csv
 import html
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -26,10 +27,13 @@ from matplotlib.ticker import MaxNLocator
 
 from .maps import MAPS_INDEX
 from .rundir import CONFIG as CONFIG_FILE
-from .rundir import LOG, MAPS, load_model_dir
-from .serialization import atomic_write, read_json
+from .rundir import LOG, MAPS, check_state, load_model_dir
+from .serialization import ModelFileError, atomic_write, read_json
 
-__all__ = ["build_report"]
+__all__ = ["build_report", "REPORT_FILES", "short_names"]
+
+REPORT_FILES = ("index.html", "*.png")
+"""What ``firm report`` writes in its folder: the page and its figures."""
 
 _NON_SCORE = {"index", "path", "label", "is_anomaly"}
 _GRID = 8  # images per row of the most / least anomalous grids
@@ -74,12 +78,42 @@ def _read_scores(path: Path) -> tuple[list[dict], list[str]]:
     return rows, columns
 
 
+def short_names(paths: list[str]) -> list[str]:
+    """Each path by its folder and file name (``crack/007.png``), with more parent folders only
+    where that still leaves two paths the same name."""
+    parts = [Path(p).parts for p in paths]
+    for depth in range(2, max((len(q) for q in parts), default=2) + 1):
+        names = ["/".join(q[-depth:]) for q in parts]
+        if len(set(names)) == len(set(paths)):
+            return names
+    return [str(p) for p in paths]
+
+
+def _evaluated_folders(rows: list[dict]) -> str:
+    """Which folders ``firm evaluate`` scored, by label: ``ROOT: normal good (20); anomalous
+    crack, scratch (40)``."""
+    paths = [r["path"] for r in rows if r.get("path")]
+    if not paths:
+        return ""
+    root = Path(os.path.commonpath([str(Path(p).parent) for p in paths]))
+    parts = []
+    for value, (_, name) in _COLOURS.items():
+        chosen = [r["path"] for r in rows if r.get("path") and int(r["is_anomaly"]) == value]
+        folders = sorted({str(Path(p).parent.relative_to(root)) for p in chosen})
+        if chosen:
+            listed = ", ".join(folders[:6]) + (f" and {len(folders) - 6} more" if len(folders) > 6 else "")
+            parts.append(f"{name} {listed} ({len(chosen)} images)")
+    return f"{root}: " + "; ".join(parts)
+
+
 def _read_config(path: Path) -> dict:
     """config.json as the page reads it: the settings' groups, and ``detector`` with the scorer,
     ensemble, threshold and training files of the model. A detector fitted on image files has
     no dataset."""
     raw = read_json(path, "model config")
-    settings, state = raw.get("settings") or {}, raw.get("state") or {}
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"model config {path} is not a JSON object")
+    settings, state = raw.get("settings") or {}, check_state(raw.get("state") or {}, path)
     data = settings.get("data") or {}
     if str(data.get("dataset", "")).startswith("folder:"):
         data = {}
@@ -166,9 +200,11 @@ def _learning_curve(page: _Page, log: list[dict]) -> None:
 
 
 def _grid(page: _Page, images: torch.Tensor, rows: list[dict], kept: list[int], scores: np.ndarray) -> None:
-    fig, axes = plt.subplots(2, _GRID, figsize=(11, 3.6))
+    fig, axes = plt.subplots(2, _GRID, figsize=(11, 4.0))
     groups = [("most anomalous", kept[:_GRID]), ("least anomalous", kept[::-1][:_GRID])]
     position = {i: n for n, i in enumerate(kept)}
+    shown = [i for _, idx in groups for i in idx]
+    names = dict(zip(shown, short_names([rows[i]["path"] for i in shown]))) if "path" in rows[0] else {}
     for ax_row, (title, idx) in zip(axes, groups):
         for ax, i in zip(ax_row, idx + [None] * _GRID):
             ax.set_axis_off()
@@ -176,9 +212,16 @@ def _grid(page: _Page, images: torch.Tensor, rows: list[dict], kept: list[int], 
                 continue
             ax.imshow(images[position[i]].permute(1, 2, 0).numpy())
             colour, name = _COLOURS[int(rows[i]["is_anomaly"])]
-            ax.set_title(f"{scores[i]:.3f}\n{name}", fontsize=8, color=colour)
+            ax.set_title(f"{scores[i]:.3f} {name}" + (f"\n{_clip(names[i])}" if i in names else ""), fontsize=7,
+                         color=colour)
         ax_row[0].text(-0.15, 0.5, title, transform=ax_row[0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
-    page.figure(fig, "extremes", "Most (top row) and least (bottom row) anomalous test images: score and true label")
+    page.figure(fig, "extremes", "Most (top row) and least (bottom row) anomalous test images: score, true label "
+                                 "and folder / file")
+
+
+def _clip(name: str, width: int = 22) -> str:
+    """A name that fits under a grid image: its end, where the folder and file are."""
+    return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
 def _projection(page: _Page, model, bank: torch.Tensor, queries: torch.Tensor | None, labels: np.ndarray | None,
@@ -215,21 +258,23 @@ def _anomaly_maps(page: _Page, maps_dir: Path, rows: list[dict]) -> None:
         page.text("p", f"{maps_dir / MAPS_INDEX} lists no overlay file that is still there.")
         return
     labels = {r["path"]: int(r["is_anomaly"]) for r in rows if r.get("path") and r.get("is_anomaly") not in (None, "")}
+    names = short_names([row["name"] for row in shown])
     lines = (len(shown) + _GRID - 1) // _GRID
     fig, axes = plt.subplots(lines, _GRID, figsize=(11, 1.8 * lines), squeeze=False)
-    for ax, row in zip(axes.ravel(), shown + [None] * (lines * _GRID - len(shown))):
+    for ax, row, short in zip(axes.ravel(), shown + [None] * (lines * _GRID - len(shown)), names + [""] * _GRID):
         ax.set_axis_off()
         if row is None:
             continue
         with Image.open(maps_dir / row["file"]) as im:
             ax.imshow(np.asarray(im.convert("RGB")))
         colour, name = _COLOURS.get(labels.get(row["name"]), ("black", ""))
-        ax.set_title(f"{row['score']:.3f} {name}\n{Path(row['name']).name}"[:40], fontsize=7, color=colour)
+        ax.set_title(f"{row['score']:.3f} {name}\n{_clip(short)}", fontsize=7, color=colour)
     page.figure(fig, "anomaly_maps", f"The {len(shown)} most anomalous images by anomaly map (red = anomalous): "
-                                     "map maximum, true label where known, file name")
+                                     "map maximum, true label where known, folder / file")
 
 
-def _summary(config: dict, records: list[dict], threshold, scores, labels, auc, column) -> list[tuple]:
+def _summary(config: dict, records: list[dict], threshold, scores, labels, auc, column,
+             scored: list[dict] = ()) -> list[tuple]:
     det, data, model, train = (config.get(k) or {} for k in ("detector", "data", "model", "train"))
     n_files = len(det.get("train_paths") or [])
     encoder = f"ResNet-18 width {model.get('width')}, head {model.get('head_layers')} x {model.get('head_hidden')}"
@@ -239,6 +284,8 @@ def _summary(config: dict, records: list[dict], threshold, scores, labels, auc, 
             ("encoder", f"{encoder}, {model.get('image_size')} px images"),
             ("scorer / tta", f"{det.get('scorer')} / {det.get('tta')}"),
             ("threshold", "none" if threshold is None else f"{threshold:.6g}")]
+    if evaluated := _evaluated_folders(list(scored)):
+        rows.append(("evaluated on", evaluated))
     if threshold is not None and scores is not None:
         rows.append(("flagged at the threshold", ", ".join(f"{np.mean(scores[labels == v] > threshold):.0%} of {name} images"
                                                            for v, (_, name) in _COLOURS.items() if (labels == v).any())))
@@ -291,7 +338,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, progress: b
     page = _Page(out)
     if config:
         page.text("h2", "Summary")
-        page.table(_summary(config, records, threshold, scores, labels, auc, column), ("setting", "value"))
+        page.table(_summary(config, records, threshold, scores, labels, auc, column, rows), ("setting", "value"))
     if scores is not None:
         page.text("h2", "Scores")
         _roc_and_histograms(page, scores, labels, column, threshold, auc)

@@ -26,6 +26,7 @@ and the PNG plots.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import shutil
 from pathlib import Path
@@ -41,8 +42,8 @@ from .training import TrainFiles
 
 __all__ = ["RUN_SETTINGS", "LOG", "CHECKPOINT", "MODEL", "BANK", "PATCHES", "CONFIG", "RESULTS", "SCORES", "REPORT", "ONNX",
            "MAPS", "BENCH_RUNS", "BENCH_PARTIAL", "BENCH_REPORT", "prepare_output", "holds_no_work", "discard_unstarted",
-           "check_output_file", "train_files",
-           "write_run_settings", "read_run_settings", "save_model_dir", "load_model_dir", "load_extra", "read_log",
+           "check_output_folder", "check_output_file", "train_files",
+           "write_run_settings", "read_run_settings", "save_model_dir", "load_model_dir", "check_state", "load_extra", "read_log",
            "write_results", "write_score_csv", "SCORE_COLUMNS"]
 
 RUN_SETTINGS = "run.json"
@@ -77,6 +78,7 @@ def prepare_output(path: str | os.PathLike, overwrite: bool = False, resume: boo
     if resume:
         if not path.is_dir():
             raise FileNotFoundError(f"--resume {path}: no such run folder")
+        _check_writable(path, flag, default=False)
         return path
     if path.is_dir() and any(path.iterdir()) and not holds_no_work(path):
         if not overwrite:
@@ -86,14 +88,13 @@ def prepare_output(path: str | os.PathLike, overwrite: bool = False, resume: boo
         if foreign:
             raise FileExistsError(f"{flag} {path} holds files firm did not write ({', '.join(foreign[:5])}); "
                                   "--overwrite only replaces a firm run folder: choose a new folder")
+    _check_writable(path, flag, default=False)
     if path.is_dir():
         _remove_run_files(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"{flag} {path}: cannot create the folder ({e.strerror})") from e
-    if not os.access(path, os.W_OK):
-        raise PermissionError(f"{flag} {path}: the folder is not writable")
+        raise OSError(f"{flag} {path}: cannot create the folder ({e.strerror}); choose another place") from e
     return path
 
 
@@ -128,21 +129,75 @@ def discard_unstarted(path: str | os.PathLike, remove_folder: bool) -> None:
         path.rmdir()
 
 
-def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Check a file to be written (a CSV, say) before any work starts: not a folder, and its
-    folder exists or can be created."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'scores.csv'}")
-    parent = path.parent
-    for p in (parent, *parent.parents):
+def _check_writable(path: Path, flag: str, default: bool) -> None:
+    """``path`` (a folder to write in, or to create) is writable: the nearest folder that exists
+    on its way up is a writable folder."""
+    for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 raise NotADirectoryError(f"{flag} {path}: {p} is a file, not a folder")
             if not os.access(p, os.W_OK):
-                raise PermissionError(f"{flag} {path}: {p} is not writable")
-            break
+                where = f"pass {flag} with a writable place" if default else "choose a writable place"
+                raise PermissionError(f"{p} is read-only: {flag} {path} cannot be written; {where}")
+            return
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def check_output_folder(path: str | os.PathLike, writes: tuple[str, ...], overwrite: bool = False,
+                        flag: str = "--out", default: bool = False) -> Path:
+    """Check a folder a command will write the files ``writes`` (names or ``*.png``-style
+    patterns) into, before any work starts; creates nothing.
+
+    Refused: a file; a folder holding other files, unless it is a run or model folder; a file
+    of ``writes`` already there, unless ``overwrite``; a folder that cannot be written (the
+    message suggests ``flag`` when the folder is the command's ``default``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{flag} {path} is a file; give a folder name (a new or an empty folder)")
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir() if not _is_temporary(p.name))
+        ours = [n for n in names if any(fnmatch.fnmatch(n, w) for w in writes)]
+        others = [n for n in names if n not in ours]
+        if others and not {RUN_SETTINGS, CONFIG} & set(names):
+            raise FileExistsError(f"{flag} {path} holds files firm did not write there ({', '.join(others[:5])}); "
+                                  "choose a new or empty folder")
+        if ours and not overwrite:
+            raise FileExistsError(f"{path} already holds {', '.join(ours[:3])}{' ...' if len(ours) > 3 else ''}; "
+                                  f"pass --overwrite to replace them, or choose another {flag}")
+    _check_writable(path, flag, default)
     return path
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Path:
+    """Check a file to be written (a CSV, say) before any work starts: not a folder, not there
+    yet unless ``overwrite``, never ``firm evaluate``'s :data:`SCORES` (``firm report`` reads
+    it), and its folder exists or can be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'scores.csv'}")
+    if path.exists():
+        if _is_evaluation_scores(path):
+            raise FileExistsError(f"{path} holds firm evaluate's per-image scores (firm report reads them); "
+                                  f"choose another {flag}")
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass --overwrite to replace it, or choose another {flag}")
+    elif path.name == SCORES and {RESULTS, CONFIG} & {p.name for p in path.parent.glob("*")}:
+        raise FileExistsError(f"{path} is where firm evaluate writes its per-image scores for this folder; "
+                              f"choose another {flag}")
+    _check_writable(path.parent, flag, default=False)
+    return path
+
+
+def _is_evaluation_scores(path: Path) -> bool:
+    """Whether ``path`` is a CSV written by ``firm evaluate`` (it has the ground truth column)."""
+    try:
+        with open(path, newline="") as f:
+            return "is_anomaly" in f.readline().strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def train_files(run_dir: str | os.PathLike) -> TrainFiles:
@@ -208,23 +263,27 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
     check_format(marker, directory / CONFIG, "model config")
     try:
         settings = settings_from_dict(config["settings"])
+        _check_saved_settings(settings)
         # The saved weights replace any pretrained start, which need not exist on this machine.
         model = Encoder(dataclasses.replace(settings.model, weights=None))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"model config {directory / CONFIG} has no valid settings ({e}); it was written by an "
                              "older firm or edited by hand: train the model again") from e
+    state = check_state(config.get("state", {}), directory / CONFIG)
     files = config.get("files", {})
-    state, _ = load_tensors(directory / MODEL, "model weights", files.get(MODEL))
+    if not isinstance(files, dict):
+        raise ModelFileError(f"model config {directory / CONFIG}: 'files' must map file names to their SHA-256")
+    weights, _ = load_tensors(directory / MODEL, "model weights", files.get(MODEL))
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    wrong = [f"{k}: file {tuple(weights[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
+             if k in weights and weights[k].shape != v.shape]
     if missing or extra or wrong:
         detail = "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
                                          f"shape mismatch {wrong[:3]}" if wrong else ""]))
         raise ModelFileError(f"weights in {directory / MODEL} do not match the architecture in its config ({detail})")
-    model.load_state_dict(state)
+    model.load_state_dict(weights)
     bank = None
     if BANK in files:
         tensors, _ = load_tensors(directory / BANK, "feature bank", files[BANK])
@@ -232,7 +291,38 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
         if bank.shape[-1] != model.feature_dim:
             raise ModelFileError(f"feature bank in {directory / BANK} has dimension {bank.shape[-1]}, "
                                  f"the model's features have {model.feature_dim}")
-    return model.to(device).eval(), settings, dict(config.get("state", {})), bank
+    return model.to(device).eval(), settings, state, bank
+
+
+def _check_saved_settings(settings: Settings) -> None:
+    """The checks a command runs on settings given to it, on settings read back from a file
+    (a value edited by hand); the data settings of a detector name no dataset, so they are not checked."""
+    from .config import DataConfig
+    from .runner import validate
+    validate(dataclasses.replace(settings, data=DataConfig()))
+
+
+# The entries of config.json's "state" that firm reads back, and what each must be.
+_STATE_KINDS = {"threshold": ("a number or null", lambda v: v is None or _is_number(v)),
+                "holdout_scores": ("a list of numbers", lambda v: isinstance(v, list) and all(map(_is_number, v))),
+                "train_paths": ("a list of file names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                "notes": ("a list of texts", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_state(state, path: str | os.PathLike) -> dict:
+    """The ``state`` of a model's config.json, each entry firm reads checked (a clear
+    :class:`ModelFileError` naming the entry, rather than a failure deep in a command)."""
+    if not isinstance(state, dict):
+        raise ModelFileError(f"model config {path}: 'state' must be a mapping (threshold, holdout_scores, ...)")
+    for name, (kind, ok) in _STATE_KINDS.items():
+        if name in state and not ok(state[name]):
+            raise ModelFileError(f"model config {path}: {name} must be {kind}, got {state[name]!r:.60}; it was edited "
+                                 "by hand: restore it, or fit the model again")
+    return dict(state)
 
 
 def load_extra(directory: str | os.PathLike, name: str, what: str) -> tuple[dict[str, Tensor], dict] | None:
