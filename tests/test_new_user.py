@@ -356,3 +356,13 @@ def test_demo_says_when_it_reused_finished_runs(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "reused 3 of 20 runs finished earlier" in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], []])
+def test_firm_help_answers_without_importing_torch(argv):
+    import subprocess
+    code = ("import sys\nfrom firm.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)" % (argv,))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
+    assert "firm" in done.stdout

@@ -5,10 +5,18 @@ loss in which all inliers are positives of each other; score new images by their
 the normal training features.
 """
 from .config import PRESETS, EvalConfig, ModelConfig, Settings, TrainConfig, preset
-from .losses import FIRMLoss, NTXentLoss, SupConLoss
-from .models import Encoder
-from .training import Trainer
 
 __version__ = "0.2.0"
 __all__ = ["FIRMLoss", "NTXentLoss", "SupConLoss", "Encoder", "ModelConfig", "TrainConfig", "EvalConfig", "Settings",
            "PRESETS", "preset", "Trainer", "__version__"]
+
+# Names whose modules import torch are loaded on first use, so that ``firm --help`` and
+# ``firm --version`` answer without it.
+_LAZY = {"FIRMLoss": "losses", "NTXentLoss": "losses", "SupConLoss": "losses", "Encoder": "models", "Trainer": "training"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

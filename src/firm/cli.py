@@ -149,15 +149,43 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+_COMMAND_HELP = {
+    "train": "train on a dataset's normal class (one-class protocol)",
+    "evaluate": "AUROC of a trained model on its test split or on folders",
+    "demo": "FIRM vs NT-Xent on scikit-learn's digits, no files needed",
+    "bench": "the paper's comparison: classes x losses x seeds, resumable",
+    "speed": "measure training-step, loss and kNN throughput; writes speed.json",
+    "fit": "train a detector on a folder of normal images",
+    "score": "score images with a model; CSV ranked by anomaly score",
+    "report": "HTML report: ROC, histograms, learning curve, images, embedding",
+    "export": "export the encoder to ONNX with its feature bank, check parity",
+}
+"""Each command's line in ``firm --help``."""
+
+
+def _root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``firm`` parser without its commands, and the action the commands are added to."""
     from . import __version__
-    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(prog="firm", description="FIRM contrastive anomaly detection: train, score, "
                                      "evaluate, benchmark and export.")
     parser.add_argument("--version", action="version", version=f"firm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser, parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", formatter_class=fmt, help="train on a dataset's normal class (one-class protocol)",
+
+def _command_list() -> argparse.ArgumentParser:
+    """``firm``, ``firm --help`` and ``firm --version``: the commands without their options, whose
+    choices come from registries that import torch, so that these answer at once."""
+    parser, sub = _root_parser()
+    for name, text in _COMMAND_HELP.items():
+        sub.add_parser(name, help=text)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = _HelpFormatter
+    parser, sub = _root_parser()
+
+    p = sub.add_parser("train", formatter_class=fmt, help=_COMMAND_HELP["train"],
                        description="Train an encoder on one class of a standard dataset into a run folder (settings, "
                        "log, checkpoints, model). The default preset is `cpu` (minutes per class on a CPU); "
                        "--preset paper is the authors' 2,000-epoch experiment (days on a CPU, hours on a GPU).")
@@ -167,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     _add_settings(p, "cpu", ("data", "model", "train", "eval"), exclude=("ood", *_FINAL_EVAL))
 
-    p = sub.add_parser("evaluate", formatter_class=fmt, help="AUROC of a trained model on its test split or on folders",
+    p = sub.add_parser("evaluate", formatter_class=fmt, help=_COMMAND_HELP["evaluate"],
                        description="Writes results.json (records with loss, scorer, tta, auroc) and per-image scores.csv.")
     _add_common(p)
     p.add_argument("run_dir", nargs="?", help="run folder written by firm train (scored on its dataset's test split)")
@@ -186,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-dir", help="ground-truth masks of the folders' images (MASK_DIR/<folder>/<stem>_mask.png or "
                    "MASK_DIR/<stem>_mask.png): adds the anomaly maps' pixel AUROC and PRO (model fitted with patch_bank > 0)")
 
-    p = sub.add_parser("demo", formatter_class=fmt, help="FIRM vs NT-Xent on scikit-learn's digits, no files needed",
+    p = sub.add_parser("demo", formatter_class=fmt, help=_COMMAND_HELP["demo"],
                        description="Every digit in turn is the normal class; FIRM and NT-Xent with the demo preset. "
                        "Resumable: a rerun skips finished runs.")
     _add_common(p)
     p.add_argument("--out", default="runs/demo", help="folder for the runs and results.json")
     p.add_argument("--epochs", type=int, default=PRESETS["demo"].train.epochs, help="epochs per run")
 
-    p = sub.add_parser("bench", formatter_class=fmt, help="the paper's comparison: classes x losses x seeds, resumable",
+    p = sub.add_parser("bench", formatter_class=fmt, help=_COMMAND_HELP["bench"],
                        description="Train every class x loss x seed (x budget) with identical settings, record learning "
                        "curves and all scorers, and write results.json, report.md and plots. Rerunning skips finished "
                        "runs. Settings flags override the preset for every run of the grid.")
@@ -211,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="bench folder")
     _add_settings(p, "cpu", ("data", "model", "train", "eval"), exclude=("normal_class", "seed", "loss"))
 
-    p = sub.add_parser("speed", formatter_class=fmt, help="measure training-step, loss and kNN throughput; writes speed.json",
+    p = sub.add_parser("speed", formatter_class=fmt, help=_COMMAND_HELP["speed"],
                        description="The training step is timed with the preset's encoder and projection head; the "
                        "flags below override the preset's values.")
     _add_common(p)
     p.add_argument("--out", default="runs/speed", help="folder for speed.json")
     _add_settings(p, "cpu", ("model", "train"), only=("width", "batch_size", "device", "amp"))
 
-    p = sub.add_parser("fit", formatter_class=fmt, help="train a detector on a folder of normal images",
+    p = sub.add_parser("fit", formatter_class=fmt, help=_COMMAND_HELP["fit"],
                        description="Fit a FIRMDetector on normal images (folders searched recursively; any size, grey or "
                        "colour) into a model folder. A share of the images is held out to set the threshold. A killed "
                        "fit continues with --resume MODEL.")
@@ -230,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, "detector", ("model", "train", "eval", "detector"), exclude=_FINAL_EVAL)
     p.add_argument("--outlier-dir", help="folder of real outlier images (Outlier Exposure) instead of shifted copies")
 
-    p = sub.add_parser("score", formatter_class=fmt, help="score images with a model; CSV ranked by anomaly score")
+    p = sub.add_parser("score", formatter_class=fmt, help=_COMMAND_HELP["score"])
     _add_common(p)
     p.add_argument("--model", help="model folder")
     p.add_argument("inputs", nargs="*", help="image files or folders")
@@ -241,13 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maps", metavar="DIR", help="also write anomaly-map overlays (PNG) and index.csv to DIR, a new or "
                    "empty folder (firm report shows MODEL/maps); needs a model fitted with patch_bank > 0")
 
-    p = sub.add_parser("report", formatter_class=fmt, help="HTML report: ROC, histograms, learning curve, images, embedding")
+    p = sub.add_parser("report", formatter_class=fmt, help=_COMMAND_HELP["report"])
     _add_common(p)
     p.add_argument("run_dir", nargs="?", help="run or model folder (with scores.csv from firm evaluate, if any)")
     p.add_argument("--out", help="report folder (default: RUN_DIR/report)")
     p.add_argument("--overwrite", action="store_true", help="replace the report already in the folder")
 
-    p = sub.add_parser("export", formatter_class=fmt, help="export the encoder to ONNX with its feature bank, check parity")
+    p = sub.add_parser("export", formatter_class=fmt, help=_COMMAND_HELP["export"])
     _add_common(p)
     p.add_argument("--model", help="model folder")
     p.add_argument("--out", help="export folder (default: MODEL/onnx)")
@@ -575,8 +603,8 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser() if argv[:1] and argv[0] in _COMMAND_HELP else _command_list()
     args, settings = _parse(parser, argv)
     args.command_line = shlex.join(["firm", *argv])  # what a report names as the command that wrote it
     if not args.command:
