@@ -113,15 +113,16 @@ def test_evaluate_writes_records_that_agree_with_its_per_image_scores(user_path)
     # 160 images is too small to rank reliably above chance on every CPU, so this checks the plumbing.
     from sklearn.metrics import roc_auc_score
     records = json.loads((user_path["model"] / "results.json").read_text())
-    assert {r["scorer"] for r in records} == {"cos1", "cos5", "kde"}
+    assert [r["scorer"] for r in records] == ["detector", "cos1", "cos5", "kde"]  # its own score first
+    assert [r["own"] for r in records] == [True, False, False, False]
     assert all(r["loss"] == "firm" and r["eval_set"] == "folders" for r in records)
     rows = _read_csv(user_path["model"] / "scores.csv")
     assert list(rows[0])[:4] == ["eval_set", "index", "path", "is_anomaly"] and "cos1:none" in rows[0]
     labels = [int(r["is_anomaly"]) for r in rows]
     assert sum(labels) == 30 * len(ANOMALIES)
     assert all(("anomalies" in r["path"]) == bool(int(r["is_anomaly"])) for r in rows)
-    for record in records:  # the CSV's rounded scores can tie a few of the 7,200 pairs
-        scores = [float(r[f"{record['scorer']}:none"]) for r in rows]
+    for record in records:
+        scores = [float(r[f"{record['scorer']}:{record['tta']}"]) for r in rows]
         assert record["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-3)
 
 
@@ -133,10 +134,10 @@ def test_reloaded_detector_matches_csv_and_onnx_scores(user_path):
     assert found.paths == [r["path"] for r in rows]
     torch_scores = det.decision_function(found.images)
     np.testing.assert_allclose(torch_scores, [float(r["score"]) for r in rows], atol=1e-5)
-    eval_rows = {r["path"]: float(r["cos1:none"]) for r in _read_csv(user_path["model"] / "scores.csv")}
+    eval_rows = {r["path"]: float(r["detector:pooled"]) for r in _read_csv(user_path["model"] / "scores.csv")}
     np.testing.assert_allclose(torch_scores, [eval_rows[p] for p in found.paths], atol=1e-5)
     onnx_scores = OnnxDetector(user_path["model"] / "onnx").decision_function(found.images.numpy())
-    assert np.max(np.abs(onnx_scores - torch_scores)) <= 1e-4
+    assert np.max(np.abs(onnx_scores - torch_scores)) * det.score_scale_[1] <= 1e-4  # on the raw score's scale
 
 
 def test_report_has_every_section(user_path):

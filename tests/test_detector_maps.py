@@ -106,19 +106,21 @@ def test_evaluate_mask_dir_pixel_auroc(model, data, tmp_path, capsys):
                  "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
     records = json.loads((tmp_path / "results.json").read_text())
-    rec = next(r for r in records if r["scorer"] == "patch_map")
-    assert rec["tta"] == "none" and {"auroc", "pixel_auroc", "pro"} <= set(rec)
-    assert "pixel AUROC" in printed and "PRO" in printed
-    # the same figures computed here, from the maps of a loaded detector and the masks as drawn
-    maps = FIRMDetector.load(folder).anomaly_maps(_test_paths(data))
+    rec = records[0]  # the detector's own score comes first
+    assert rec["scorer"] == "detector" and rec["own"] and {"auroc", "pixel_auroc", "pro"} <= set(rec)
+    assert not any(r.get("own") for r in records[1:])
+    assert "pixel AUROC" in printed and "PRO" in printed and "own score" in printed
+    # the same figures computed here, from the maps and scores of a loaded detector and the masks as drawn
+    det = FIRMDetector.load(folder)
+    maps = det.anomaly_maps(_test_paths(data))
     expected = roc_auc_score(data["masks"].ravel(), maps.ravel())
     assert rec["pixel_auroc"] == pytest.approx(expected, abs=1e-9)
     assert rec["pixel_auroc"] > 0.8
     labels = np.r_[np.zeros(TEST), np.ones(TEST)]
-    assert rec["auroc"] == pytest.approx(roc_auc_score(labels, maps.reshape(len(maps), -1).max(1)), abs=1e-9)
+    assert rec["auroc"] == pytest.approx(roc_auc_score(labels, det.decision_function(_test_paths(data))), abs=1e-9)
     assert 0 <= rec["pro"] <= 1
     with open(tmp_path / "scores.csv", newline="") as f:
-        assert "patch_map:none" in next(csv.reader(f))
+        assert f"detector:{det.score_}" in next(csv.reader(f))
 
 
 def test_model_without_patch_bank(model, data, tmp_path, capsys):

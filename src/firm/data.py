@@ -71,6 +71,15 @@ def image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
+def input_shape(size: int, aspect: float = 1.0, multiple: int = 8) -> tuple[int, int]:
+    """``(height, width)`` with shorter side ``size`` and width / height about ``aspect``, the
+    longer side rounded to a multiple of ``multiple`` pixels."""
+    if aspect == 1:
+        return size, size
+    long = max(size, int(round(size * max(aspect, 1 / aspect) / multiple)) * multiple)
+    return (size, long) if aspect > 1 else (long, size)
+
+
 def resize_images(images: Tensor, size: int | tuple[int, int], channels: int = 3) -> Tensor:
     """uint8 ``(N, C, H, W)`` to ``(N, channels, height, width)`` (``size``: one side, or
     ``(height, width)``): antialiased bilinear resize to exactly that shape, so no part of the

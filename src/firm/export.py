@@ -111,7 +111,9 @@ class OnnxDetector:
             k = min(self.k, sims.shape[1])
             sim = np.partition(sims, -k, axis=1)[:, -k:].mean(1)
             total -= sim * norm[:, 0] if self.use_norm else sim
-        return total / self.bank.shape[0]
+        raw = total / self.bank.shape[0]
+        scale = self.config.get("score_scale")  # (center, unit): 0 = the median normal image, 1 = the threshold
+        return raw if scale is None else (raw - scale[0]) / scale[1]
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """1 for images scored above the exported threshold, 0 otherwise."""
@@ -149,6 +151,9 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / ONNX
     det = FIRMDetector.load(model_dir, progress=False)
+    if det.score_ != "pooled":
+        raise ValueError(f"{model_dir} scores images with its patch bank, which ONNX export does not cover yet (it "
+                         "exports pooled-feature scorers); refit with --score pooled to deploy with onnxruntime")
     scorer, tta = det.settings_.eval.scorer, det.settings_.eval.tta
     k, _ = _check_scoring(scorer, tta, det.settings_.eval.center_crop)
     new_folder = not out.exists()
@@ -179,14 +184,17 @@ def _export(det, out: Path, k: int, check_images: int, tolerance: float) -> dict
                 "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0]},
                 "scorer": scorer, "k": k, "tta": tta, "rotations": int(bank.shape[0]),
                 "threshold": det.threshold_, "bank_size": int(bank.shape[1]), "feature_dim": int(bank.shape[2]),
+                "score_scale": det.score_scale_,
                 "score": "minus the mean top-k cosine similarity to the bank, averaged over rotations "
-                         "(rotation r = r x 90 degrees counter-clockwise, against bank[r]); higher = more anomalous",
+                         "(rotation r = r x 90 degrees counter-clockwise, against bank[r]), then (raw - center) / unit "
+                         "with score_scale = [center, unit] when given (1.0 = the threshold); higher = more anomalous",
                 "files": {name: _sha256(out / name) for name in (ENCODER_FILE, BANK_NPY)}}
     write_json(out / DEPLOY_FILE, settings)
     images = np.random.default_rng(0).integers(0, 256, (check_images, channels, size, size), dtype=np.uint8)
     expected = det.decision_function(images)
     got = OnnxDetector(out).decision_function(images)
-    diff = float(np.max(np.abs(got - expected)))
+    unit = det.score_scale_[1] if det.score_scale_ is not None else 1.0
+    diff = float(np.max(np.abs(got - expected))) * unit  # on the raw score's scale, where the tolerance is set
     if not diff <= tolerance:
         raise ExportError(f"ONNX scores differ from PyTorch's by up to {diff:.3g} (> {tolerance:g}); the export "
                            f"in {out} is not faithful")

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import load_image_folder, read_masks
-from .detector import FOLDER_PREFIX, FIRMDetector
-from .evaluation import evaluate_scorers
+from .data import read_masks
+from .detector import FOLDER_PREFIX, PATCH, FIRMDetector
+from .evaluation import auroc, evaluate_scorers
 from .losses import resolve_mode
-from .maps import image_scores, map_metrics, save_overlays
+from .maps import map_metrics, save_overlays
 from .rundir import write_results, write_score_csv
 from .runner import final_scorers, prepare_data, validate
 from .serialization import ModelFileError
@@ -28,21 +28,26 @@ __all__ = ["score_to_csv", "evaluate_model"]
 def score_to_csv(det: FIRMDetector, inputs, out: str | os.PathLike, maps_dir: str | os.PathLike | None = None
                  ) -> list[dict]:
     """Score image files or folders; write a CSV ranked by anomaly score (``rank, path, score,
-    flagged``: ``flagged`` is the prediction, score above the threshold, not a ground truth) and
-    return its rows. Paths are absolute, so the CSV can be read from any working directory.
-    With ``maps_dir``, also write each image's anomaly-map overlay and ``index.csv`` there
-    (:func:`firm.maps.save_overlays`)."""
+    flagged``: the score on the detector's scale, 1.0 = its threshold; ``flagged`` is the
+    prediction, not a ground truth) and return its rows. Paths are absolute, so the CSV can be
+    read from any working directory. With ``maps_dir``, also write each image's anomaly-map
+    overlay and ``index.csv`` there (:func:`firm.maps.save_overlays`; colours from 0 = the median
+    normal image to 2 = twice the threshold's distance from it)."""
     if maps_dir is not None:
         det.check_maps()  # before any image is read
-    found = load_image_folder(inputs, det.image_size, det.settings_.model.in_channels, name="images to score")
-    scores = det.decision_function(found.images)
+    images, paths = det.read(inputs, "images to score")
+    if maps_dir is not None:
+        maps, scores = det.maps_and_scores(images)
+    else:
+        scores = det.decision_function(images)
     flags = scores > det.threshold_ if det.threshold_ is not None else np.zeros(len(scores), dtype=bool)
     order = np.argsort(-scores, kind="stable")
-    rows = [{"rank": r + 1, "path": str(Path(found.paths[i]).resolve()), "score": float(scores[i]),
+    rows = [{"rank": r + 1, "path": str(Path(paths[i]).resolve()), "score": float(scores[i]),
              "flagged": int(flags[i])} for r, i in enumerate(order)]
     write_score_csv(out, rows)
     if maps_dir is not None:
-        save_overlays(found.images, torch.from_numpy(det.anomaly_maps(found.images)), found.paths, maps_dir)
+        scale = dict(vmin=0.0, vmax=2.0) if det.map_scale_ is not None else {}
+        save_overlays(images, torch.from_numpy(maps), paths, maps_dir, scores=scores, **scale)
     return rows
 
 
@@ -53,9 +58,10 @@ def evaluate_model(run_dir: str | os.PathLike | None = None, model_dir: str | os
     """AUROC of a saved model for every scorer and ensemble, written to ``results.json`` and
     per-image ``scores.csv``: on its dataset's test split (``run_dir``; with ``ood`` for a run
     trained on every class) or on labelled folders (``model_dir`` with ``normal_dirs`` and
-    ``anomaly_dirs``). With ``mask_dir`` (ground-truth masks matched to the images by name, see
-    :func:`firm.data.read_masks`; folders only) a ``patch_map`` record adds the anomaly maps'
-    image AUROC (map maxima), ``pixel_auroc`` and ``pro``."""
+    ``anomaly_dirs``). The first record of a fitted detector is its own score (``own: true``,
+    scorer ``detector``: what ``decision_function`` returns), with the anomaly maps'
+    ``pixel_auroc`` and ``pro`` when ``mask_dir`` is given (ground-truth masks matched to the
+    images by name, see :func:`firm.data.read_masks`; folders only); the pooled scorers follow."""
     if not (run_dir or model_dir):
         raise ValueError("evaluate needs a run folder (firm evaluate RUN_DIR) or --model DIR")
     if mask_dir is not None and not (normal_dirs or anomaly_dirs):
@@ -93,19 +99,38 @@ def evaluate_model(run_dir: str | os.PathLike | None = None, model_dir: str | os
             "normal_class": s.data.normal_class, "seed": s.train.seed, "epoch": s.train.epochs}
     all_records, all_scores, all_rows = [], {}, []
     for name, images, y, rows in sets:
-        records, scores = evaluate_scorers(det.encoder_, det.bank_, images, y, final_scorers(e), list(e.final_tta),
-                                           progress=progress, config=e)
-        if mask_dir is not None:
-            paths = [r["path"] for r in rows]
-            maps = torch.from_numpy(det.patches_.anomaly_maps(images).numpy())
-            masks = read_masks(paths, mask_dir, det.image_size, y)
-            metrics = map_metrics(maps, masks, y.numpy())
-            records.append({"scorer": "patch_map", "tta": "none", "auroc": metrics.get("image_auroc"),
-                            "pixel_auroc": metrics.get("pixel_auroc"), "pro": metrics.get("pro")})
-            scores[("patch_map", "none")] = image_scores(maps)
+        own, records, scores = _own_score(det, images, y, rows, mask_dir), [], {}
+        if own is not None:
+            records.append(own[0])
+            scores[("detector", det.score_)] = own[1]
+        if det.bank_ is not None:
+            pooled, scores_pooled = evaluate_scorers(det.encoder_, det.bank_, images, y, final_scorers(e),
+                                                     list(e.final_tta), progress=progress, config=e)
+            records += [{**r, "own": own is None and (r["scorer"], r["tta"]) == (s.eval.scorer, s.eval.tta)}
+                        for r in pooled]
+            scores.update(scores_pooled)
         all_records += [{**base, "eval_set": name, **r} for r in records]
         for key, value in scores.items():
             all_scores[key] = torch.cat([all_scores[key], value]) if key in all_scores else value
         all_rows += [{"eval_set": name, **r} for r in rows]
     write_results(Path(out_dir or folder), all_records, all_scores, all_rows)
     return all_records
+
+
+def _own_score(det: FIRMDetector, images: torch.Tensor, y: torch.Tensor, rows: list[dict], mask_dir
+               ) -> tuple[dict, torch.Tensor] | None:
+    """The record and per-image scores of the detector's own score (what ``decision_function``
+    returns), with the maps' pixel AUROC and PRO when ``mask_dir`` is given; None for a run
+    folder of ``firm train``, whose own score is one of the pooled scorers' records."""
+    if det.score_ != PATCH and mask_dir is None and not det.settings_.data.dataset.startswith(FOLDER_PREFIX):
+        return None
+    record = {"scorer": "detector", "tta": det.score_, "own": True}
+    if mask_dir is not None:
+        maps, scores = det.maps_and_scores(images)
+        masks = read_masks([r["path"] for r in rows], mask_dir, det.input_shape, y)
+        metrics = map_metrics(torch.from_numpy(maps), masks, y.numpy())
+        record.update(pixel_auroc=metrics.get("pixel_auroc"), pro=metrics.get("pro"))
+    else:
+        scores = det.decision_function(images)
+    record["auroc"] = auroc(scores, y.numpy()) if 0 < int(y.sum()) < len(y) else None
+    return record, torch.from_numpy(scores)

@@ -112,15 +112,18 @@ def patch_features(encoder: Encoder, x: Tensor, stages: Sequence[int] = _STAGES,
     return torch.cat(parts, dim=1), (oy, sy, ox, sx)
 
 
-def greedy_coreset(features: Tensor, size: int, projection_dim: int | None = 128, seed: int = 0) -> Tensor:
+def greedy_coreset(features: Tensor, size: int, projection_dim: int | None = 128, seed: int = 0,
+                   progress: bool = False) -> Tensor:
     """Indices of ``size`` rows of ``features`` ``(N, D)`` chosen by greedy k-center selection.
 
     Starts from a seeded random row; each next row is the one farthest from those chosen so
     far, so the chosen rows cover all rows with the smallest radius greedy can find. Distances
     are measured on a seeded Gaussian random projection to ``projection_dim`` dimensions when
     ``D`` is larger (None: never). Stops early, with fewer rows, once every row coincides with
-    a chosen one. Cost: ``size`` passes over the ``(N, projection_dim)`` matrix.
+    a chosen one. Cost: ``size`` passes over the ``(N, projection_dim)`` matrix, so the
+    projection's width sets the time (a pass is bound by memory bandwidth).
     """
+    from tqdm.auto import tqdm
     n = len(features)
     size = min(int(size), n)
     if size < 1:
@@ -138,11 +141,12 @@ def greedy_coreset(features: Tensor, size: int, projection_dim: int | None = 128
     # One small pass per step: on a busy machine, handing each pass to several threads costs
     # more than the pass itself (7x slower on a loaded 2-core machine), so run it in one thread.
     torch.set_num_threads(1)
+    bar = tqdm(total=size, desc="coreset", unit="patch", disable=not progress, leave=False, miniters=256)
     try:
         count = 1
         while True:
             i = int(chosen[count - 1])
-            torch.minimum(mind, (sq - 2 * (x @ x[i]) + sq[i]).clamp_(min=0), out=mind)
+            torch.minimum(mind, torch.addmv(sq, x, x[i], alpha=-2).add_(sq[i]).clamp_(min=0), out=mind)
             mind[i] = 0  # exactly covered, whatever the rounding
             if count == size:
                 break
@@ -151,7 +155,9 @@ def greedy_coreset(features: Tensor, size: int, projection_dim: int | None = 128
                 break  # every row coincides with a chosen one
             chosen[count] = j
             count += 1
+            bar.update()
     finally:
+        bar.close()
         torch.set_num_threads(threads)
     return chosen[:count]
 
@@ -200,7 +206,8 @@ class PatchBank:
     the coreset's cost and the search), ``projection_dim`` (dimensions of the random projection
     for the coreset selection), ``sigma`` (Gaussian smoothing of the maps, in input pixels),
     ``max_grid`` (patches per side at most), ``batch_size`` (images per forward pass and per
-    search), ``seed``.
+    search), ``seed``, ``neighbours`` (the bank neighbourhood of PatchCore's image-score
+    re-weighting, :meth:`score`), ``progress`` (bars for feature extraction, coreset and scoring).
 
     Fitted attributes: ``bank_`` (scaled patch features ``(M, D)``), ``stage_scales_`` (the
     mean patch norm of each stage on the training images, which the features are divided by),
@@ -210,18 +217,18 @@ class PatchBank:
 
     def __init__(self, encoder: Encoder, stages: Sequence[int] = _STAGES, coreset: float = 0.1, max_bank: int = 4096,
                  projection_dim: int | None = 128, sigma: float = 4.0, max_grid: int = 32, batch_size: int = 32,
-                 seed: int = 0):
+                 seed: int = 0, neighbours: int = 9, progress: bool = False):
         self.encoder, self.stages, self.coreset, self.max_bank = encoder, tuple(stages), coreset, max_bank
         self.projection_dim, self.sigma, self.max_grid = projection_dim, sigma, max_grid
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.neighbours, self.progress = batch_size, seed, neighbours, progress
 
     def _check(self) -> None:
         if not self.stages or sorted(set(self.stages)) != list(self.stages) or min(self.stages) < 1:
             raise ValueError(f"stages must be increasing 1-indexed backbone stages, got {self.stages}")
         if not 0 < self.coreset <= 1:
             raise ValueError(f"coreset must be a share in (0, 1], got {self.coreset}")
-        if self.max_bank < 1 or self.max_grid < 1 or self.batch_size < 1:
-            raise ValueError("max_bank, max_grid and batch_size must be >= 1")
+        if self.max_bank < 1 or self.max_grid < 1 or self.batch_size < 1 or self.neighbours < 1:
+            raise ValueError("max_bank, max_grid, batch_size and neighbours must be >= 1")
 
     @staticmethod
     def _as_images(images: Tensor) -> Tensor:
@@ -232,14 +239,16 @@ class PatchBank:
             raise ValueError("no images")
         return images
 
-    def _patches(self, images: Tensor):
+    def _patches(self, images: Tensor, desc: str):
         """Yield ``(start, patch features (B * h * w, D) on the CPU, (B, h, w), layout)`` batch by
         batch, the model in eval mode."""
+        from tqdm.auto import tqdm
         model, device = self.encoder, model_device(self.encoder)
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(images), self.batch_size):
+            for start in tqdm(range(0, len(images), self.batch_size), desc=desc, unit="batch",
+                              disable=not self.progress, leave=False):
                 x = images[start:start + self.batch_size].to(device).float().div_(255)
                 feats, layout = patch_features(model, x, self.stages, self.max_grid)
                 b, d, h, w = feats.shape
@@ -255,7 +264,7 @@ class PatchBank:
         self._check()
         images = self._as_images(images)
         chunks = []
-        for _, feats, (_, h, w), _ in self._patches(images):
+        for _, feats, (_, h, w), _ in self._patches(images, "patch features"):
             self.grid_ = (h, w)
             chunks.append(feats)
         feats = torch.cat(chunks)
@@ -266,7 +275,7 @@ class PatchBank:
         self.n_patches_ = len(feats)
         size = min(self.max_bank, max(1, math.ceil(self.coreset * len(feats))))
         if size < len(feats):
-            feats = feats[greedy_coreset(feats, size, self.projection_dim, self.seed)]
+            feats = feats[greedy_coreset(feats, size, self.projection_dim, self.seed, self.progress)]
         self.bank_ = feats.contiguous()
         return self
 
@@ -278,17 +287,43 @@ class PatchBank:
         """Anomaly maps ``(N, H, W)`` at the images' size (float32, higher = more anomalous): each
         patch's distance to its nearest bank patch, placed at the patch's centre and interpolated
         bilinearly between centres, then smoothed by the Gaussian."""
+        return self.score(images)[0]
+
+    def score(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Anomaly maps ``(N, H, W)`` (:meth:`anomaly_maps`) and image scores ``(N,)``, in one pass.
+
+        The image score is PatchCore's: the largest patch distance ``s*`` of the image, weighted
+        by how unusual the bank's neighbourhood of that patch's nearest bank patch ``m*`` is:
+        ``s* * (1 - softmax(d)[0])``, ``d`` being the patch's distances to ``m*`` and to the
+        ``neighbours - 1`` bank patches nearest ``m*``. A patch near a dense part of the bank gets
+        a weight near ``1 - 1 / neighbours``; one near an isolated bank patch gets a larger one.
+        """
         if not hasattr(self, "bank_"):
             raise RuntimeError("PatchBank is not fitted: call fit(normal_images) first")
         images = self._as_images(images)
         H, W = images.shape[-2:]
-        out = torch.empty(len(images), H, W)
+        maps, scores = torch.empty(len(images), H, W), torch.empty(len(images))
         scales = self._channel_scales()
-        for start, feats, (b, h, w), (oy, sy, ox, sx) in self._patches(images):
-            dist = nearest_distance(self.bank_, feats / scales).view(b, 1, h, w)
-            up = _sample(dist, (torch.arange(H) - oy) / sy, (torch.arange(W) - ox) / sx)
-            out[start:start + b] = gaussian_blur(up.squeeze(1), self.sigma)
-        return out
+        for start, feats, (b, h, w), (oy, sy, ox, sx) in self._patches(images, "anomaly maps"):
+            feats = feats / scales
+            dist = nearest_distance(self.bank_, feats)
+            scores[start:start + b] = self._reweighted(feats.view(b, h * w, -1), dist.view(b, h * w))
+            up = _sample(dist.view(b, 1, h, w), (torch.arange(H) - oy) / sy, (torch.arange(W) - ox) / sx)
+            maps[start:start + b] = gaussian_blur(up.squeeze(1), self.sigma)
+        return maps, scores
+
+    def _reweighted(self, feats: Tensor, dist: Tensor) -> Tensor:
+        """PatchCore's image scores of ``B`` images from their patch features ``(B, P, D)`` and
+        nearest-bank distances ``(B, P)`` (see :meth:`score`)."""
+        worst = dist.argmax(1)
+        rows = torch.arange(len(dist))
+        patch, top = feats[rows, worst], dist[rows, worst]
+        to_bank = torch.cdist(patch, self.bank_)  # (B, M): a few rows, exact
+        nearest = to_bank.argmin(1)
+        k = min(self.neighbours, len(self.bank_))
+        support = torch.cdist(self.bank_[nearest], self.bank_).topk(k, largest=False).indices  # m* first
+        d = to_bank.gather(1, support)
+        return top * (1 - torch.softmax(d, dim=1)[:, 0])
 
     _PARAMS = ("stages", "coreset", "max_bank", "projection_dim", "sigma", "max_grid", "batch_size", "seed")
 
@@ -413,9 +448,10 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 def save_overlays(images: Tensor, maps: Tensor, paths_or_names: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   vmax: float | None = None, vmin: float | None = None, alpha: float = 0.5, masks: Tensor | None = None,
-                  colormap: str = "jet") -> list[Path]:
+                  colormap: str = "jet", scores: Sequence[float] | None = None) -> list[Path]:
     """Write one PNG per image: its anomaly map as a heat map (``colormap``, blended with
-    ``alpha``) over the image, and ``index.csv`` (file, name, score = map maximum) beside them.
+    ``alpha``) over the image, and ``index.csv`` (file, name, score: ``scores``, default the map
+    maximum) beside them.
 
     Colours span ``[vmin, vmax]`` (default: the smallest and largest value of all ``maps``,
     so the overlays of one call are comparable; pass a fixed ``vmax``, e.g. a threshold, to
@@ -450,7 +486,7 @@ def save_overlays(images: Tensor, maps: Tensor, paths_or_names: Sequence[str | o
         Image.fromarray((blend * 255).round().astype(np.uint8)).save(buf, format="PNG")
         atomic_write(out_dir / name, buf.getvalue())
         written.append(out_dir / name)
-        rows.append((name, str(paths_or_names[i]), f"{float(maps[i].max()):.6g}"))
+        rows.append((name, str(paths_or_names[i]), f"{float(maps[i].max() if scores is None else scores[i]):.6g}"))
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(("file", "name", "score"))

@@ -13,6 +13,7 @@ stay loadable.
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,7 +24,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import ModelConfig, check_ranges
+from .efficientnet import EfficientNetLite0, load_packaged
 from .registry import Registry
+from .serialization import WeightsError
 
 __all__ = ["ModelConfig", "BACKBONES", "STEMS", "INITS", "AUTO_STEM", "AUTO_STEM_MAX_SIZE", "IMAGENET_MEAN", "IMAGENET_STD",
            "WeightsError", "BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50", "ProjectionHead", "Encoder",
@@ -41,10 +44,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _HALF = ((0.5,), (0.5,))  # x * 2 - 1: what firm's networks trained from scratch have always used
 _NUM_STAGES = 4
-
-
-class WeightsError(ValueError):
-    """A pretrained-weights file that cannot be used; the message names the file and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +211,6 @@ def resnet50(width: int = 64, **kwargs) -> ResNet:
     return net
 
 
-BACKBONES: Registry[Callable[..., ResNet]] = Registry("backbone", {"resnet18": resnet18, "resnet50": resnet50})
-"""Backbone builders by name: ``builder(width, in_channels=, stem=, bn_momentum=, mean=, std=)``."""
 
 
 class ProjectionHead(nn.Module):
@@ -258,11 +255,53 @@ def input_stats(config: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ..
     return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
 
 
-def build_backbone(config: ModelConfig) -> ResNet:
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One entry of :data:`BACKBONES`: how to build the network from the settings and how to load
+    the ``weights`` setting into it (a file, or :data:`PACKAGED` for weights that ship with a package)."""
+
+    build: Callable[[ModelConfig], nn.Module]
+    load_weights: Callable[[nn.Module, str], None]
+    description: str
+
+
+PACKAGED = "imagenet"
+"""The ``weights`` value that loads the ImageNet weights a package ships (efficientnet_lite0)."""
+
+
+def _resnet(builder: Callable[..., ResNet]) -> Callable[[ModelConfig], ResNet]:
+    def build(config: ModelConfig) -> ResNet:
+        mean, std = input_stats(config)
+        return builder(config.width, in_channels=config.in_channels, stem=resolve_stem(config),
+                       bn_momentum=config.bn_momentum, mean=mean, std=std)
+    return build
+
+
+def _resnet_weights(backbone: nn.Module, weights: str) -> None:
+    if weights == PACKAGED:
+        raise WeightsError(f"no ImageNet weights ship with firm for {backbone.arch}: pass a torchvision-layout file "
+                           "(--weights resnet18.pth), or use --backbone efficientnet_lite0 --weights imagenet")
+    load_pretrained(backbone, weights)
+
+
+def _efficientnet_weights(backbone: nn.Module, weights: str) -> None:
+    load_packaged(backbone, None if weights == PACKAGED else weights)
+
+
+BACKBONES: Registry[BackboneEntry] = Registry("backbone", {
+    "resnet18": BackboneEntry(_resnet(resnet18), _resnet_weights, "ResNet-18 (CIFAR or ImageNet stem, any width)"),
+    "resnet50": BackboneEntry(_resnet(resnet50), _resnet_weights, "ResNet-50 (CIFAR or ImageNet stem, any width)"),
+    "efficientnet_lite0": BackboneEntry(lambda c: EfficientNetLite0(c.in_channels, c.bn_momentum), _efficientnet_weights,
+                                        "EfficientNet-Lite0 (fixed width; --weights imagenet: the packaged ImageNet "
+                                        "weights, hash-checked)"),
+})
+"""Backbones by name. Every backbone takes images in [0, 1], returns pooled features from
+``forward`` and the maps of four stages (strides 4-32) from ``feature_maps``."""
+
+
+def build_backbone(config: ModelConfig) -> nn.Module:
     """The backbone ``config`` describes (PyTorch's initialisation; no weights loaded)."""
-    mean, std = input_stats(config)
-    return BACKBONES[config.backbone](config.width, in_channels=config.in_channels, stem=resolve_stem(config),
-                                      bn_momentum=config.bn_momentum, mean=mean, std=std)
+    return BACKBONES.get(config.backbone).build(config)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -306,7 +345,7 @@ class Encoder(nn.Module):
                                    bn_momentum=c.bn_momentum)
         INITS.get(c.init)(self)
         if c.weights:
-            load_pretrained(self, c.weights)
+            BACKBONES.get(c.backbone).load_weights(self.backbone, c.weights)
         freeze_stages(self, c.frozen_stages)
 
     @property
@@ -332,9 +371,9 @@ class Encoder(nn.Module):
         return F.normalize(z, dim=1)
 
 
-def _backbone_of(model: nn.Module) -> ResNet:
+def _backbone_of(model: nn.Module) -> ResNet | EfficientNetLite0:
     backbone = model.backbone if isinstance(model, Encoder) else model
-    if not isinstance(backbone, ResNet):
+    if not isinstance(backbone, (ResNet, EfficientNetLite0)):
         raise TypeError(f"expected an Encoder or a ResNet backbone, got {type(model).__name__}")
     return backbone
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "FORMAT_NAME", "ModelFileError", "to_cpu_state", "atomic_write", "write_json", "read_json",
+__all__ = ["FORMAT_VERSION", "FORMAT_NAME", "ModelFileError", "WeightsError",
+           "to_cpu_state", "atomic_write", "write_json", "read_json",
            "save_tensors", "load_tensors", "sha256_of", "check_format"]
 
 FORMAT_VERSION = 2  # 2: config.json holds the run's full settings
@@ -26,6 +27,10 @@ os.umask(_UMASK)
 
 class ModelFileError(ValueError):
     """A model, checkpoint or config file that cannot be used as it is."""
+
+
+class WeightsError(ValueError):
+    """A pretrained-weights file that cannot be used; the message names the file and the fix."""
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
