@@ -16,7 +16,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 for batch in $batches; do
   for amp in off on; do
     echo "== firm speed: width $width, batch $batch, amp $amp"
-    timeout 100 python3 -m firm speed --device "$device" --width "$width" --head paper --batch-size "$batch" --amp "$amp" \
+    timeout 100 python3 -m firm speed --device "$device" --preset paper --width "$width" --batch-size "$batch" --amp "$amp" \
       --out "$out/tmp-speed" && mv "$out/tmp-speed/speed.json" "$out/speed-b$batch-amp$amp.json" \
       || echo "FAILED: speed batch $batch amp $amp"
   done
@@ -26,6 +26,6 @@ run=$(mktemp -d)/digits
 echo "== firm train on digits, $device, width $width, batch 512, amp on, eval every epoch"
 timeout 90 python3 -m firm train --dataset digits --normal-class 0 --device "$device" --amp on --width "$width" \
   --batch-size 512 --epochs "$epochs" --eval-every 1 --out "$run" --quiet \
-  && timeout 60 python3 -m firm evaluate "$run" --scorers cos1,cos5,mahalanobis --tta none,angled --quiet \
+  && timeout 60 python3 -m firm evaluate "$run" --scorers cos1,cos5,mahalanobis --final-tta none,angled --quiet \
   && cp "$run/log.jsonl" "$out/train-log.jsonl" && cp "$run/results.json" "$out/train-results.json" \
   || echo "FAILED: train/evaluate"

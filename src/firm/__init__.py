@@ -7,12 +7,13 @@ the normal training features.
 from .config import PRESETS, EvalConfig, ModelConfig, Settings, TrainConfig, preset
 
 __version__ = "0.2.0"
-__all__ = ["FIRMLoss", "NTXentLoss", "SupConLoss", "Encoder", "ModelConfig", "TrainConfig", "EvalConfig", "Settings",
-           "PRESETS", "preset", "Trainer", "__version__"]
+__all__ = ["FIRMDetector", "FIRMLoss", "NTXentLoss", "SupConLoss", "Encoder", "ModelConfig", "TrainConfig", "EvalConfig",
+           "Settings", "PRESETS", "preset", "Trainer", "__version__"]
 
 # Names whose modules import torch are loaded on first use, so that ``firm --help`` and
 # ``firm --version`` answer without it.
-_LAZY = {"FIRMLoss": "losses", "NTXentLoss": "losses", "SupConLoss": "losses", "Encoder": "models", "Trainer": "training"}
+_LAZY = {"FIRMDetector": "detector", "FIRMLoss": "losses", "NTXentLoss": "losses", "SupConLoss": "losses",
+         "Encoder": "models", "Trainer": "training"}
 
 
 def __getattr__(name: str):
