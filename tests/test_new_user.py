@@ -366,3 +366,34 @@ def test_firm_help_answers_without_importing_torch(argv):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
     assert "firm" in done.stdout
+
+
+# --------------------------------------------------------------- too few normal images
+def test_one_normal_image_is_refused_naming_the_minimum(tmp_path, capsys):
+    normal = _pngs(tmp_path / "normal", count=1)
+    assert main(_fit(tmp_path, "--epochs", "1", normal=normal)) == 1
+    err = capsys.readouterr().err
+    assert "only 1 normal image" in err and "at least 10" in err
+    assert not (tmp_path / "model").exists()
+
+
+def test_few_normal_images_warn_that_the_threshold_is_coarse(tmp_path):
+    normal = _pngs(tmp_path / "normal", count=12)
+    with pytest.warns(UserWarning, match=r"1 held-out normal image.*below 20, that is below 200 normal images"):
+        assert main(_fit(tmp_path, "--epochs", "1", normal=normal)) == 0
+
+
+def test_evaluate_shows_a_library_warning_once(tmp_path):
+    import subprocess
+    from firm.config import apply_overrides, preset
+    from firm.models import Encoder
+    settings = apply_overrides(preset("detector"), {"width": 4, "head_hidden": 16, "head_layers": 1})
+    one = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 32, 32), dtype=np.uint8))
+    FIRMDetector.from_encoder(Encoder(settings.model), one, settings, progress=False).save(tmp_path / "model")
+    good, bad = _pngs(tmp_path / "good", count=5, split="test"), _pngs(tmp_path / "bad", digit=7, count=5, split="test")
+    done = subprocess.run([sys.executable, "-m", "firm", "evaluate", "--model", str(tmp_path / "model"), "--normal-dir",
+                           str(good), "--anomaly-dir", str(bad), "--quiet"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert lines and len(lines) == len(set(lines)), done.stderr

@@ -605,6 +605,18 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"firm: warning: {message}\n"
 
 
+def _once(show):
+    """``warnings.showwarning`` that shows each message once: a library warning raised for every
+    scorer and ensemble (scikit-learn's, say) is one line, not ten."""
+    shown = set()
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        if str(message) not in shown:
+            shown.add(str(message))
+            show(message, category, filename, lineno, file, line)
+    return show_once
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser() if argv[:1] and argv[0] in _COMMAND_HELP else _command_list()
@@ -616,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     from .serialization import ModelFileError
     from .training import TrainingError
     format_warning, warnings.formatwarning = warnings.formatwarning, _warning_line
+    show_warning, warnings.showwarning = warnings.showwarning, _once(warnings.showwarning)
     try:
         command = COMMANDS[args.command]
         command(args, settings) if settings is not None else command(args)
@@ -628,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"firm {args.command}: error: {e}", file=sys.stderr)
         return 1
     finally:
-        warnings.formatwarning = format_warning
+        warnings.formatwarning, warnings.showwarning = format_warning, show_warning
     return 0
 
 

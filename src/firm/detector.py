@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -45,7 +46,15 @@ from .runner import train_encoder, validate
 from .scoring import apply_scorers, fit_scorers
 from .serialization import ModelFileError, atomic_write
 
-__all__ = ["FIRMDetector", "FOLDER_PREFIX", "METHODS", "SCORES", "choose_method", "pretrained_model"]
+__all__ = ["FIRMDetector", "FOLDER_PREFIX", "METHODS", "SCORES", "choose_method", "pretrained_model", "MIN_NORMAL_IMAGES",
+           "MIN_HOLDOUT"]
+
+MIN_NORMAL_IMAGES = 10
+"""Fewer normal images than this are refused by ``fit``: the feature bank and the scorers fitted
+on it need a few images to say what normal looks like."""
+MIN_HOLDOUT = 20
+"""Below this many held-out normal images ``fit`` warns that the threshold (a quantile of their
+scores) is coarse."""
 
 FOLDER_PREFIX = "folder:"
 """``settings.data.dataset`` of a detector fitted on image files or arrays: ``folder:`` and the
@@ -106,6 +115,11 @@ def _scale(normal_scores: np.ndarray, rate: float) -> tuple[float, float]:
     if not unit > 0:  # every held-out score the same: any larger score is beyond the threshold
         unit = max(abs(center), 1.0) * 1e-6
     return center, unit
+
+
+def _enough_for_threshold(s: Settings) -> int:
+    """How many normal images give :data:`MIN_HOLDOUT` held out at the settings' hold-out share."""
+    return math.ceil(MIN_HOLDOUT / s.detector.holdout) if s.detector.holdout else MIN_HOLDOUT
 
 
 class FIRMDetector(BaseEstimator):
@@ -213,13 +227,18 @@ class FIRMDetector(BaseEstimator):
 
     def _split(self, s: Settings, n: int) -> tuple[Tensor, Tensor]:
         """Seeded indices of the training and the held-out normal images."""
+        if n < MIN_NORMAL_IMAGES:
+            raise ValueError(f"only {n} normal image(s): a detector needs at least {MIN_NORMAL_IMAGES}, and about "
+                             f"{_enough_for_threshold(s)} for a threshold from the {s.detector.holdout:.0%} held out")
         gen = torch.Generator().manual_seed(s.train.seed)
         order = torch.randperm(n, generator=gen)
         n_hold = int(round(s.detector.holdout * n))
         if n_hold and n - n_hold < 2:
             raise ValueError(f"only {n} normal images: too few to hold out {s.detector.holdout:.0%} for the threshold")
-        if 0 < n_hold < 20:
-            warnings.warn(f"the threshold rests on only {n_hold} held-out normal images; it will be coarse", stacklevel=3)
+        if s.detector.holdout and n_hold < MIN_HOLDOUT:
+            warnings.warn(f"the threshold rests on {n_hold} held-out normal image(s) ({s.detector.holdout:.0%} of {n}); "
+                          f"it is coarse below {MIN_HOLDOUT}, that is below {_enough_for_threshold(s)} normal images"
+                          + ("; with none, the detector has no threshold" if not n_hold else ""), stacklevel=3)
         return order[n_hold:], order[:n_hold]
 
     def _log(self, message: str) -> None:
