@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import read_masks
+from .data import ALL_CLASSES, read_masks
 from .detector import FOLDER_PREFIX, PATCH, FIRMDetector
 from .evaluation import auroc, evaluate_scorers
 from .losses import resolve_mode
 from .maps import map_metrics, save_overlays
 from .rundir import write_results, write_score_csv
 from .runner import final_scorers, prepare_data, validate
+from .scoring import ALL
 from .serialization import ModelFileError
 
 __all__ = ["score_to_csv", "evaluate_model"]
@@ -53,7 +54,7 @@ def score_to_csv(det: FIRMDetector, inputs, out: str | os.PathLike, maps_dir: st
 
 def evaluate_model(run_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
                    normal_dirs=None, anomaly_dirs=None, data_root: str | None = None, ood: list[str] = (),
-                   scorers: list[str] = ("all",), tta: list[str] = ("none",), out_dir: str | os.PathLike | None = None,
+                   scorers: list[str] = (ALL,), tta: list[str] = ("none",), out_dir: str | os.PathLike | None = None,
                    progress: bool = True, mask_dir: str | os.PathLike | None = None) -> list[dict]:
     """AUROC of a saved model for every scorer and ensemble, written to ``results.json`` and
     per-image ``scores.csv``: on its dataset's test split (``run_dir``; with ``ood`` for a run
@@ -87,7 +88,7 @@ def evaluate_model(run_dir: str | os.PathLike | None = None, model_dir: str | os
         data = dataclasses.replace(s.data, data_root=data_root or s.data.data_root, ood=list(ood) or s.data.ood)
         if not s.data.dataset or s.data.dataset.startswith(FOLDER_PREFIX):
             raise ModelFileError(f"{folder} was not trained on a dataset; evaluate it with --normal-dir and --anomaly-dir")
-        if data.normal_class == "all" and not data.ood:
+        if data.normal_class == ALL_CLASSES and not data.ood:
             raise ValueError(f"{folder} was trained on every class of {s.data.dataset}: there is no anomaly in its test "
                              "split; pass --ood DATASET_OR_FOLDER to score it against out-of-distribution images")
         validate(dataclasses.replace(s, eval=e, data=data))
