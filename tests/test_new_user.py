@@ -397,3 +397,42 @@ def test_evaluate_shows_a_library_warning_once(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "warning" in line]
     assert lines and len(lines) == len(set(lines)), done.stderr
+
+
+# --------------------------------------------------------------- --help for a folder user
+def _help(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """The option names under each heading of a --help text."""
+    sections, current = {}, None
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = sections.setdefault(line[:-1], [])
+        elif current is not None and line.startswith("  ") and line[2:3] not in (" ", ""):
+            current.append(line.split()[0].rstrip(","))
+    return sections
+
+
+@pytest.mark.parametrize("command, required", [("fit", ["--normal-dir", "--out"]), ("score", ["--model", "inputs"]),
+                                               ("evaluate", ["--model", "--normal-dir", "--anomaly-dir"])])
+def test_help_puts_what_a_folder_user_needs_first(capsys, command, required):
+    text = _help(capsys, command)
+    sections = _sections(text)
+    names = list(sections)
+    assert names[0].startswith("required") and names[1] == "options", names
+    assert sections[names[0]][:len(required)] == required
+    assert all(name.startswith("advanced") for name in names[2:]) and len(sections["options"]) <= 11
+    usage = text.split("\n\n")[0]
+    assert all(flag in usage and f"[{flag}" not in usage for flag in required if flag.startswith("--"))
+
+
+def test_fit_help_shows_the_defaults_the_fit_really_uses(capsys):
+    entries = " ".join(_help(capsys, "fit").split())
+    image_size = entries[entries.index("--image-size INT"):][:400]
+    assert "32 px" in image_size and "128" in image_size and "always used" in image_size
+    nu = entries[entries.index("--ocsvm-nu FLOAT"):][:200]
+    assert "preset detector: 0.1" in nu and "is 0.5" in nu

@@ -281,7 +281,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder")
     p.add_argument("--out", help="export folder (default: MODEL/onnx)")
     p.add_argument("--overwrite", action="store_true", help="replace the export already in the folder")
+    for name, (usage, title, required, main) in _FOLDER_HELP.items():
+        _arrange_help(sub.choices[name], usage, title, required, main,
+                      {"image_size": _fit_image_size_help()} if name == "fit" else {})
     return parser
+
+
+# --help of the commands a folder user runs: their usage, the options they must give, the few
+# they choose most often; every other option is listed after these, under "advanced".
+_FOLDER_HELP = {
+    "fit": ("firm fit --normal-dir DIR [DIR ...] --out MODEL [options]\n       firm fit --resume MODEL",
+            "required (unless --resume)", ("normal_dir", "out"),
+            ("resume", "overwrite", "epochs", "image_size", "method", "patch_bank", "target_fpr", "device", "config",
+             "quiet")),
+    "score": ("firm score --model MODEL INPUT [INPUT ...] [--out CSV] [options]", "required", ("model", "inputs"),
+              ("out", "overwrite", "maps", "threshold", "quiet")),
+    "evaluate": ("firm evaluate --model MODEL --normal-dir DIR [DIR ...] --anomaly-dir DIR [DIR ...] [options]\n"
+                 "       firm evaluate RUN_DIR [options]", "required (or RUN_DIR alone)",
+                 ("model", "normal_dir", "anomaly_dir", "run_dir"),
+                 ("out", "overwrite", "mask_dir", "quiet")),
+}
+
+
+def _fit_image_size_help() -> str:
+    """What ``firm fit`` really does with --image-size: the preset's 32 px holds for small images only."""
+    d, m = PRESETS["detector"].detector, PRESETS["detector"].model
+    return (f"side the images are resized to (default: {m.image_size} px when their median shorter side is under "
+            f"--large-image-size {d.large_image_size}; larger images go to the pretrained patch detector at "
+            f"--pretrained-size {d.pretrained_size}, or to FIRM at {d.large_image_size} px without its weights; a size "
+            "given here is always used, with FIRM)")
+
+
+def _arrange_help(p: argparse.ArgumentParser, usage: str, title: str, required: tuple[str, ...], main: tuple[str, ...],
+                  helps: dict[str, str] | None = None) -> None:
+    """Order ``p``'s --help for a new user: ``required`` (under ``title``), then ``main``, then every
+    other option under "advanced ..." groups; ``helps`` replaces an option's help text (where the
+    preset's value is not what the command really uses)."""
+    by_dest = {a.dest: a for a in p._actions}
+    for dest, text in (helps or {}).items():
+        by_dest[dest].help = text
+    if "run_dir" in required:  # evaluate's other form, which takes none of the options beside it
+        by_dest["run_dir"].help = f"instead of --model and the folders: {by_dest['run_dir'].help}"
+    placed = {"help", *required, *main}
+    old = list(p._action_groups)
+    first = p.add_argument_group(title)
+    first._group_actions = [by_dest[d] for d in required]
+    common = p.add_argument_group("options")
+    common._group_actions = [by_dest[d] for d in ("help", *main)]
+    for group in old:
+        group._group_actions = [a for a in group._group_actions if a.dest not in placed]
+        group.title = "advanced options" if group.title in ("options", "positional arguments") else f"advanced: {group.title}"
+    p._action_groups = [first, common] + [g for g in old if g._group_actions]
+    p.usage = usage
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

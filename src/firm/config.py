@@ -174,7 +174,7 @@ class EvalConfig(_Group):
     ensemble_shared_crops: bool = True
     """reuse the same random crops for every rotation (the authors') rather than fresh ones per rotation"""
     ocsvm_nu: float = 0.5
-    """nu of the RBF and linear one-class SVMs (scikit-learn's default, the authors')"""
+    """nu of the RBF and linear one-class SVMs (scikit-learn's default and the authors' is 0.5)"""
 
 
 @dataclass
