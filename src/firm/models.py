@@ -36,10 +36,24 @@ __all__ = ["ModelConfig", "BACKBONES", "STEMS", "INITS", "AUTO_STEM", "AUTO_STEM
 AUTO_STEM = "auto"
 AUTO_STEM_MAX_SIZE = 64
 """``stem="auto"`` uses the CIFAR stem up to this image side and the ImageNet stem above it."""
-STEMS: Registry[str] = Registry("stem", {
-    "cifar": "3x3 convolution, stride 1 (the paper's, for 32-64 px images)",
-    "imagenet": "7x7 convolution, stride 2, and a max-pool (for 128-256 px images)"},
+
+
+def _cifar_stem(in_channels: int, width: int, bn_momentum: float) -> nn.Sequential:
+    """3x3 convolution, stride 1 (the paper's, for 32-64 px images)."""
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                         nn.BatchNorm2d(width, momentum=bn_momentum), nn.ReLU())
+
+
+def _imagenet_stem(in_channels: int, width: int, bn_momentum: float) -> nn.Sequential:
+    """7x7 convolution, stride 2, and a max-pool (for 128-256 px images)."""
+    return nn.Sequential(nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
+                         nn.BatchNorm2d(width, momentum=bn_momentum), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+
+
+STEMS: Registry[Callable[[int, int, float], nn.Sequential]] = Registry(
+    "stem", {"cifar": _cifar_stem, "imagenet": _imagenet_stem},
     keywords={AUTO_STEM: f"cifar up to {AUTO_STEM_MAX_SIZE} px, imagenet above"})
+"""A ResNet's first layers by name: ``stem(in_channels, width, bn_momentum)``."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _HALF = ((0.5,), (0.5,))  # x * 2 - 1: what firm's networks trained from scratch have always used
@@ -116,15 +130,7 @@ class ResNet(nn.Module):
         super().__init__()
         if len(layers) != _NUM_STAGES:
             raise ValueError(f"a ResNet has {_NUM_STAGES} stages, got block counts {list(layers)}")
-        if stem == "cifar":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
-                                      nn.BatchNorm2d(width, momentum=bn_momentum), nn.ReLU())
-        elif stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
-                                      nn.BatchNorm2d(width, momentum=bn_momentum), nn.ReLU(),
-                                      nn.MaxPool2d(3, 2, 1))
-        else:
-            raise ValueError(f"unknown stem {stem!r}; choose cifar or imagenet (resolve 'auto' with resolve_stem)")
+        self.stem = STEMS.get(stem)(in_channels, width, bn_momentum)  # 'auto' is resolved before (resolve_stem)
         self.stem_kind = stem
         stages, cin = [], width
         for i, blocks in enumerate(layers):

@@ -106,10 +106,11 @@ def _faiss_available() -> bool:
     return True
 
 
-KNN_BACKENDS: dict[str, Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]] = {"torch": _knn_torch}
+KNN_BACKENDS: Registry[Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]] = Registry("kNN backend",
+                                                                                       {"torch": _knn_torch})
 """The exact top-k implementations :func:`knn_search` chooses from (faiss when installed)."""
 if _faiss_available():
-    KNN_BACKENDS["faiss"] = _knn_faiss
+    KNN_BACKENDS.register("faiss", _knn_faiss)
 
 _measured: dict[str, float] = {}
 
@@ -152,10 +153,8 @@ def knn_search(bank: Tensor, queries: Tensor, k: int, backend: str | None = None
     k = min(k, len(bank))
     if k == 0 or len(queries) == 0:
         return queries.new_empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.long)
-    name = backend or knn_backend(bank, queries, k)
-    if name not in KNN_BACKENDS:
-        raise ValueError(f"unknown kNN backend {name!r}; choose from {', '.join(KNN_BACKENDS)}")
-    return KNN_BACKENDS[name](bank.contiguous(), queries.contiguous(), k)
+    search = KNN_BACKENDS.get(backend or knn_backend(bank, queries, k))
+    return search(bank.contiguous(), queries.contiguous(), k)
 
 
 def knn_similarity(bank: Tensor, queries: Tensor, k: int) -> Tensor:
