@@ -16,6 +16,7 @@ import torch
 from firm.cli import main
 from firm.data import load_dataset
 from firm.detector import FIRMDetector
+from firm.serialization import load_tensors
 from firm.training import Trainer
 
 SMALL = ["--width", "4", "--head-hidden", "16", "--head-layers", "1", "--batch-size", "16", "--device", "cpu",
@@ -38,15 +39,16 @@ def _fit(tmp_path: Path, *extra: str, normal: Path | None = None, out: str = "mo
     return ["fit", "--normal-dir", str(normal), "--out", str(tmp_path / out), *SMALL, *extra]
 
 
-def _interrupt_at_step(monkeypatch, step: int) -> None:
-    """Make the ``step``-th training step (counted from 1) raise KeyboardInterrupt, as Ctrl-C would."""
+def _interrupt_in_epoch(monkeypatch, epoch: float) -> None:
+    """Raise KeyboardInterrupt, as Ctrl-C would, at the training step ``epoch`` epochs in (1.5: the
+    middle of the second epoch; 0: the first step)."""
     calls = {"n": 0}
     original = Trainer.step
 
     def step_or_stop(self, index, variant):
-        calls["n"] += 1
-        if calls["n"] == step:
+        if calls["n"] == int(epoch * self.plan.steps_per_epoch()):
             raise KeyboardInterrupt
+        calls["n"] += 1
         return original(self, index, variant)
     monkeypatch.setattr(Trainer, "step", step_or_stop)
 
@@ -57,9 +59,10 @@ def _weights(model: Path) -> dict:
 
 # --------------------------------------------------------------- interrupting never strands work
 def test_ctrl_c_before_the_first_checkpoint_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
-    argv = _fit(tmp_path, "--epochs", "4", "--checkpoint-every", "0")  # 36 training images: 3 steps per epoch
-    _interrupt_at_step(monkeypatch, 8)  # in epoch 3
+    argv = _fit(tmp_path, "--epochs", "4", "--checkpoint-every", "0")
+    _interrupt_in_epoch(monkeypatch, 2.5)
     assert main(argv) == 130
+    assert load_tensors(tmp_path / "model" / "checkpoint.safetensors")[1]["epoch"] == 2  # the last finished epoch
     assert "continue with --resume" in capsys.readouterr().err
     monkeypatch.undo()
     assert main(["fit", "--resume", str(tmp_path / "model"), "--quiet"]) == 0
@@ -70,16 +73,29 @@ def test_ctrl_c_before_the_first_checkpoint_resumes_to_the_same_weights(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_in_firm_train_before_the_first_checkpoint_resumes(tmp_path, monkeypatch):
+    argv = ["train", "--dataset", "digits", "--normal-class", "3", "--train-images", "40", "--epochs", "3",
+            "--eval-every", "0", *SMALL[:-2]]  # the cpu preset checkpoints at the end only
+    _interrupt_in_epoch(monkeypatch, 1.5)
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 130
+    assert load_tensors(tmp_path / "run" / "checkpoint.safetensors")[1]["epoch"] == 1
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "reference")]) == 0
+    a, b = _weights(tmp_path / "run"), _weights(tmp_path / "reference")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ctrl_c_in_the_first_epoch_resumes_from_the_start(tmp_path, monkeypatch):
     argv = _fit(tmp_path, "--epochs", "2")
-    _interrupt_at_step(monkeypatch, 2)
+    _interrupt_in_epoch(monkeypatch, 0.5)
     assert main(argv) == 130
     assert not (tmp_path / "model" / "checkpoint.safetensors").exists()
     monkeypatch.undo()
     assert main(["fit", "--resume", str(tmp_path / "model"), "--quiet"]) == 0
     assert (tmp_path / "model" / "config.json").exists()
     # a plain rerun is not refused either: the interrupted run had nothing worth keeping
-    _interrupt_at_step(monkeypatch, 1)
+    _interrupt_in_epoch(monkeypatch, 0)
     assert main(_fit(tmp_path, "--epochs", "2", out="other")) == 130
     monkeypatch.undo()
     assert main(_fit(tmp_path, "--epochs", "1", out="other")) == 0

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", formatter_class=fmt, help=_COMMAND_HELP["fit"],
                        description="Fit a FIRMDetector on normal images (folders searched recursively; any size, grey or "
-                       "colour) into a model folder. A share of the images is held out to set the threshold. A killed "
+                       "colour; 16-bit PNG and TIFF are read at their depth and scaled by their own range, darkest to "
+                       "brightest) into a model folder. A share of the images is held out to set the threshold. A killed "
                        "fit continues with --resume MODEL.")
     _add_common(p)
     p.add_argument("--normal-dir", nargs="+", help="folder(s) or files of normal images")
