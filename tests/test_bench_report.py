@@ -289,6 +289,9 @@ def test_robustness_table_and_best_test_checkpoint(tmp_path):
     assert selection["firm"]["selected_by"] == ["cos1/none"]
     best = next(c for c in results["comparisons"] if c["metric"] == "best_test")
     assert best["mean"] == pytest.approx(0.05)
+    # the race to NT-Xent's best test AUROC (v - 0.02, first at epoch 6): FIRM passes it before epoch 2 in every run
+    race = next(c for c in results["comparisons"] if c["metric"] == "speed_best_test")["race"]
+    assert (race["first"], race["second"], race["classes_first"]) == (5, 0, 5)
     assert "best test checkpoint (the authors' selection; optimistic)" in text
 
 

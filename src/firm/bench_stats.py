@@ -222,8 +222,9 @@ def bench_statistics(records: list[dict]) -> dict:
     set and budget: ``{"methods", "groups": [{dataset, eval_set, budget, methods, auroc, per_class,
     comparisons, robustness, selection, aulc}]}``. ``comparisons``: ``{method, other, metric,
     result: PairedResult}`` for the metrics ``auroc`` (final cos1 AUROC, no ensemble), ``aulc``
-    and ``best_test`` (``best_checkpoint``), and ``{method, other, metric: "speed", race,
-    undefined, result}`` for convergence to the other's final AUROC. ``robustness``: the AUROC
+    and ``best_test`` (``best_checkpoint``), and ``{method, other, metric, race, undefined, result}``
+    for convergence to the other's final AUROC (``speed``) and to its best test checkpoint's
+    (``speed_best_test``). ``robustness``: the AUROC
     comparison of every pair under every final scorer and ensemble. ``selection``: per method,
     its mean last-epoch and best-test-checkpoint AUROC over classes."""
     methods = method_order({_method(r) for r in records})
@@ -256,6 +257,9 @@ def bench_statistics(records: list[dict]) -> dict:
                 speed = _speed(curve[f], curve[other], auroc[other])
                 if speed:
                     comps.append({**entry, "metric": "speed", **speed})
+                chosen = _speed(curve[f], curve[other], picked[other]) if informative else None
+                if chosen:
+                    comps.append({**entry, "metric": "speed_best_test", **chosen})
             for scorer, tta in sorted({(r["scorer"], r["tta"]) for r in mine if r["final"]}):
                 scores = {k: v for k, v in final_aurocs(mine, scorer, tta).items() if k[:2] == where}
                 for f, other in _pairs(present):
@@ -300,7 +304,7 @@ def statistics_json(stats: dict, text) -> dict:
         where = {"dataset": g["dataset"], "eval_set": g["eval_set"], "budget": g["budget"]}
         for c in g["comparisons"]:
             head = {**where, "method": c["method"], "other": c["other"], "metric": c["metric"]}
-            body = _speed_json(c) if c["metric"] == "speed" else c["result"].to_dict()
+            body = _speed_json(c) if "race" in c else c["result"].to_dict()
             comparisons.append({**head, **body, "text": text(c)})
         robustness += [{**where, "scorer": r["scorer"], "tta": r["tta"], "method": r["method"], "other": r["other"],
                         **r["result"].to_dict()} for r in g["robustness"]]
