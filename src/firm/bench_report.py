@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .bench_stats import (budget_groups, bench_statistics, change_key, find_comparison, final_aurocs, gain_changes,
                           ladder_json, ladder_pairs, learning_curves, load_runs, method_order, statistics_json)
-from .data import CLASS_NAMES
+from .data import DATASETS
 from .rundir import BENCH_REPORT, RESULTS
 from .serialization import atomic_write, write_json
 from .stats import MIN_CLASSES, PairedResult
@@ -93,7 +93,7 @@ def _mean_cell(class_means: list[float], n_classes: int) -> str:
 def _class_name(dataset: str, c: int) -> str:
     if c < 0:
         return "all (multi-class ID)"
-    names = CLASS_NAMES.get(dataset)
+    names = DATASETS[dataset].classes if dataset in DATASETS else None
     return f"{c} {names[c]}" if names and c < len(names) else str(c)
 
 
