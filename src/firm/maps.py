@@ -40,6 +40,7 @@ import io
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,7 +55,7 @@ from .models import Encoder
 from .scoring import knn_similarity
 from .serialization import atomic_write
 
-__all__ = ["PatchBank", "patch_features", "greedy_coreset", "nearest_distance", "gaussian_blur", "image_scores", "pixel_auroc",
+__all__ = ["PatchBank", "PatchGrid", "patch_features", "greedy_coreset", "nearest_distance", "gaussian_blur", "image_scores", "pixel_auroc",
            "pro_score", "map_metrics", "save_overlays", "read_overlay_index", "MAPS_INDEX"]
 
 MAPS_INDEX = "index.csv"  # written by save_overlays beside the PNG files: file, name, score
@@ -197,6 +198,17 @@ def nearest_distance(bank: Tensor, queries: Tensor) -> Tensor:
     return ((queries * queries).sum(1) - best).clamp_(min=0).sqrt_()
 
 
+@dataclass
+class PatchGrid:
+    """Raw patch features of a set of images: ``features`` ``(N, h, w, D)`` on the CPU, ``layout``
+    ``(oy, sy, ox, sx)`` (patch ``(i, j)`` is centred on pixel ``(oy + i * sy, ox + j * sx)``) and
+    the images' ``image_shape`` ``(H, W)``."""
+
+    features: Tensor
+    layout: tuple[float, float, float, float]
+    image_shape: tuple[int, int]
+
+
 class PatchBank:
     """Patch-level anomaly detector on an encoder's backbone (PatchCore-style); see the module doc.
 
@@ -259,15 +271,22 @@ class PatchBank:
     def _stage_split(self) -> list[int]:
         return list(self.encoder.map_dims(self.stages))
 
-    def fit(self, images: Tensor) -> "PatchBank":
-        """Build the memory bank from normal uint8 images ``(N, C, H, W)``."""
+    def extract(self, images: Tensor) -> "PatchGrid":
+        """Raw patch features of uint8 images ``(N, C, H, W)``: what :meth:`fit` and :meth:`score`
+        compute first; pass the result to them instead of the images to reuse it."""
         self._check()
         images = self._as_images(images)
-        chunks = []
-        for _, feats, (_, h, w), _ in self._patches(images, "patch features"):
-            self.grid_ = (h, w)
-            chunks.append(feats)
-        feats = torch.cat(chunks)
+        chunks, layout = [], None
+        for _, feats, (b, h, w), layout in self._patches(images, "patch features"):
+            chunks.append(feats.view(b, h, w, -1))
+        return PatchGrid(torch.cat(chunks), layout, tuple(images.shape[-2:]))
+
+    def fit(self, images: "Tensor | PatchGrid") -> "PatchBank":
+        """Build the memory bank from normal uint8 images ``(N, C, H, W)`` (or their :meth:`extract`)."""
+        grid = images if isinstance(images, PatchGrid) else self.extract(images)
+        self._check()
+        self.grid_ = tuple(grid.features.shape[1:3])
+        feats = grid.features.reshape(-1, grid.features.shape[-1])
         dims = self._stage_split()
         norms = torch.stack([part.norm(dim=1).mean() for part in feats.split(dims, dim=1)])
         self.stage_scales_ = norms.clamp(min=1e-12)
@@ -289,8 +308,9 @@ class PatchBank:
         bilinearly between centres, then smoothed by the Gaussian."""
         return self.score(images)[0]
 
-    def score(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Anomaly maps ``(N, H, W)`` (:meth:`anomaly_maps`) and image scores ``(N,)``, in one pass.
+    def score(self, images: "Tensor | PatchGrid") -> tuple[Tensor, Tensor]:
+        """Anomaly maps ``(N, H, W)`` (:meth:`anomaly_maps`) and image scores ``(N,)``, in one pass
+        (``images``: uint8 ``(N, C, H, W)``, or their :meth:`extract`).
 
         The image score is PatchCore's: the largest patch distance ``s*`` of the image, weighted
         by how unusual the bank's neighbourhood of that patch's nearest bank patch ``m*`` is:
@@ -300,13 +320,15 @@ class PatchBank:
         """
         if not hasattr(self, "bank_"):
             raise RuntimeError("PatchBank is not fitted: call fit(normal_images) first")
-        images = self._as_images(images)
-        H, W = images.shape[-2:]
-        maps, scores = torch.empty(len(images), H, W), torch.empty(len(images))
+        grid = images if isinstance(images, PatchGrid) else self.extract(images)
+        (H, W), (oy, sy, ox, sx) = grid.image_shape, grid.layout
+        n, h, w, _ = grid.features.shape
+        maps, scores = torch.empty(n, H, W), torch.empty(n)
         scales = self._channel_scales()
-        for start, feats, (b, h, w), (oy, sy, ox, sx) in self._patches(images, "anomaly maps"):
-            feats = feats / scales
-            dist = nearest_distance(self.bank_, feats)
+        for start in range(0, n, self.batch_size):
+            feats = grid.features[start:start + self.batch_size] / scales
+            b = len(feats)
+            dist = nearest_distance(self.bank_, feats.reshape(b * h * w, -1))
             scores[start:start + b] = self._reweighted(feats.view(b, h * w, -1), dist.view(b, h * w))
             up = _sample(dist.view(b, 1, h, w), (torch.arange(H) - oy) / sy, (torch.arange(W) - ox) / sx)
             maps[start:start + b] = gaussian_blur(up.squeeze(1), self.sigma)
