@@ -7,10 +7,11 @@ import torch
 
 from firm.cli import main
 from firm.losses import FIRMLoss
+from firm.scoring import KNN_BACKENDS
 from firm.speed import (
-    TARGETS,
     dense_firm_loss,
     lean_dense_firm_loss,
+    library_versions,
     measure_knn,
     measure_loss,
     measure_step,
@@ -18,8 +19,6 @@ from firm.speed import (
 )
 
 TINY_KNN = {"bank_size": 2000, "queries": 300, "dim": 64, "k": 5, "repeats": 2}
-
-
 
 
 def _positive_finite(d: dict, keys) -> None:
@@ -62,6 +61,15 @@ def test_measure_knn_small_is_exact():
     _positive_finite(r, ["knn_seconds", "matmul_floor_seconds", "sklearn_knn_seconds", "knn_over_floor",
                          "knn_speedup_vs_sklearn", "sklearn_euclidean_knn_seconds", "knn_speedup_vs_sklearn_euclidean"])
     assert r["knn_vs_sklearn_max_abs_diff"] < 1e-5
+    assert r["knn_backend"] in KNN_BACKENDS and set(r["knn_seconds_by_backend"]) == set(KNN_BACKENDS)
+    assert r["knn_seconds_by_backend"][r["knn_backend"]] == r["knn_seconds"]
+
+
+def test_library_versions_name_the_libraries_without_machine_paths():
+    versions = library_versions()
+    assert versions["torch"] == torch.__version__ and versions["numpy"]
+    for pool in versions["threadpools"] or []:
+        assert "/" not in pool["file"] and pool["user_api"] in ("blas", "openmp")
 
 
 BF16_KEYS = ["encoder_imgs_per_s_float32", "step_imgs_per_s_float32", "encoder_imgs_per_s_bf16", "step_imgs_per_s_bf16",
@@ -99,6 +107,6 @@ def test_firm_speed_writes_json_and_table(tmp_path, monkeypatch, capsys):
         assert key in data
     assert data["width"] == 8 and data["batch_size"] == 16 and data["device"] == "cpu"
     assert data["amp"] is False and data["step_imgs_per_s"] == data["step_imgs_per_s_float32"]
-    assert set(data["targets_met"]) == set(TARGETS)
+    assert data["libraries"]["torch"] == torch.__version__ and data["knn_backend"] in KNN_BACKENDS
     out = capsys.readouterr().out
     assert "img/s" in out and "speed.json" in out and "bf16 autocast / float32" in out
