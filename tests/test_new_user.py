@@ -58,6 +58,7 @@ def _weights(model: Path) -> dict:
 
 
 # --------------------------------------------------------------- interrupting never strands work
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
     argv = _fit(tmp_path, "--epochs", "4", "--checkpoint-every", "0")
     _interrupt_in_epoch(monkeypatch, 2.5)
@@ -86,6 +87,7 @@ def test_ctrl_c_in_firm_train_before_the_first_checkpoint_resumes(tmp_path, monk
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_first_epoch_resumes_from_the_start(tmp_path, monkeypatch):
     argv = _fit(tmp_path, "--epochs", "2")
     _interrupt_in_epoch(monkeypatch, 0.5)
@@ -452,3 +454,11 @@ def test_fit_help_shows_the_defaults_the_fit_really_uses(capsys):
     assert "32 px" in image_size and "128" in image_size and "always used" in image_size
     nu = entries[entries.index("--ocsvm-nu FLOAT"):][:200]
     assert "preset detector: 0.1" in nu and "is 0.5" in nu
+
+
+def test_speed_refuses_to_replace_its_earlier_figures_without_overwrite(tmp_path, capsys, monkeypatch):
+    import firm.speed
+    (tmp_path / "speed.json").write_text("{}")
+    monkeypatch.setattr(firm.speed, "run_speed", _never)
+    assert main(["speed", "--out", str(tmp_path), "--quiet"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "speed.json").read_text() == "{}"

@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "flags below override the preset's values.")
     _add_common(p)
     p.add_argument("--out", default="runs/speed", help="folder for speed.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the speed.json already there")
     _add_settings(p, "cpu", ("model", "train"), only=("width", "batch_size", "device", "amp"))
 
     p = sub.add_parser("fit", formatter_class=fmt, help=_COMMAND_HELP["fit"],
@@ -567,8 +568,10 @@ def cmd_bench(args, settings: Settings) -> None:
 
 
 def cmd_speed(args, settings: Settings) -> None:
+    from .rundir import check_output_folder
     from .serialization import write_json
     from .speed import format_table, run_speed
+    check_output_folder(args.out, ("speed.json",), args.overwrite)
     t = settings.train
     result = run_speed(t.device, settings.model.width, t.batch_size, t.amp, args.preset)
     path = Path(args.out) / "speed.json"
