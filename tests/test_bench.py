@@ -49,6 +49,7 @@ def tiny(**overrides) -> Settings:
                                            "scorers": ["cos1", "mahalanobis"], "final_tta": ["none"], **overrides})
 
 
+@pytest.mark.slow
 def test_interrupted_bench_completes_the_rest_without_redoing(tmp_path, monkeypatch):
     settings = tiny()
     specs = plan_grid(settings, ["digits"], ["1", "2"], ["firm", "ntxent"], [0])[:3]
@@ -156,6 +157,7 @@ def test_multiclass_id_setting_scores_each_ood_set(tmp_path):
         plan_grid(tiny(), ["digits"], ["all"], ["ntxent"], [0])
 
 
+@pytest.mark.slow
 def test_bench_from_the_command_line(tmp_path, capsys):
     from firm.cli import main
     argv = ["bench", "--dataset", "Digits", "--classes", "2", "--losses", "firm,ntxent", "--epochs", "1", "--width", "4",

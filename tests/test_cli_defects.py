@@ -308,6 +308,7 @@ def test_image_size_zero_is_a_clear_error(tmp_path, capsys, monkeypatch, folders
 
 
 # --------------------------------------------------------------- a killed fit resumes
+@pytest.mark.slow
 def test_killed_fit_resumes_to_the_same_weights(tmp_path, folders):
     args = ["--normal-dir", str(folders / "normal"), *SMALL, "--epochs", "6", "--checkpoint-every", "1"]
     killed = tmp_path / "killed"

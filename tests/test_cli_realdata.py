@@ -21,6 +21,7 @@ needs_fmnist = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw").is_di
 
 
 @needs_cifar
+@pytest.mark.slow
 def test_cifar10_reader_and_short_training_beats_chance():
     train, test = load_dataset("cifar10", DATA_ROOT)
     assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
@@ -64,6 +65,7 @@ def test_every_subcommand_has_help(capsys):
 TINY = ["--width", "4", "--head-hidden", "16", "--head-layers", "1", "--batch-size", "32", "--device", "cpu", "--quiet"]
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--dataset", "digits", "--normal-class", "4", "--epochs", "2", "--eval-every", "1",
@@ -114,6 +116,7 @@ def test_clear_errors_from_the_command_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_writes_results_in_the_same_schema(tmp_path, monkeypatch, capsys):
     from firm import bench, config
     real_plan = bench.plan_grid
@@ -136,6 +139,7 @@ def test_demo_writes_results_in_the_same_schema(tmp_path, monkeypatch, capsys):
     assert "over 2 digits" in out
 
 
+@pytest.mark.slow
 def test_firm_learns_on_digits():
     """Three epochs of FIRM on digit 3 (scikit-learn's digits: no files needed) beat the untrained
     encoder on digit 3 against the other nine. Measured on seeds 0, 1, 2: untrained 0.912, 0.859,

@@ -20,6 +20,8 @@ from firm.cli import main
 from firm.data import load_dataset, load_image_folder
 from firm.detector import FIRMDetector
 
+pytestmark = pytest.mark.slow  # fits, scores, evaluates and exports on CIFAR-10 images
+
 
 
 DATA_ROOT = Path(os.environ.get("FIRM_TEST_DATA_ROOT", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from firm import FIRMLoss, NTXentLoss
 from firm.serialization import load_tensors
 
+pytestmark = pytest.mark.slow  # several processes
+
 WORLD = 2
 N_GLOBAL = 12
 
