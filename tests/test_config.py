@@ -86,7 +86,7 @@ def test_every_field_name_is_unique_across_groups():
 
 def test_paper_preset_is_the_dataclass_defaults():
     assert preset("paper") == Settings()
-    s = Settings()  # the authors' reference values (docs FIRM.md)
+    s = Settings()  # the authors' reference values (docs/method.md)
     assert (s.model.width, s.model.head_hidden, s.model.head_layers, s.model.head_out) == (64, 1024, 7, 128)
     assert (s.train.epochs, s.train.batch_size, s.train.lr, s.train.tau) == (2000, 32, 0.01, 0.2)
     # presets are copies: changing one never changes the registry

@@ -1,4 +1,4 @@
-"""The loss family against an independent, row-by-row reading of the formulas in FIRM.md."""
+"""The loss family against an independent, row-by-row reading of the formulas in docs/method.md."""
 import math
 
 import pytest
@@ -12,7 +12,7 @@ OUT = OUTLIER_LABEL
 
 
 def positives_concat(labels, rule):
-    """P(i) for the concat layout, written out per row as FIRM.md states it."""
+    """P(i) for the concat layout, written out per row as docs/method.md states it."""
     n = len(labels)
     y = list(labels) * 2
     sets = []

@@ -3,7 +3,7 @@
 A run is described by :class:`Settings`: what data (:class:`DataConfig`), which network
 (:class:`ModelConfig`), how to train (:class:`TrainConfig`), how to score (:class:`EvalConfig`)
 and, for the detector, how to set its threshold (:class:`DetectorConfig`). The dataclass
-defaults are the authors' reference setting (docs FIRM.md); the presets below are named
+defaults are the authors' reference setting (docs/method.md); the presets below are named
 instances. The command line is generated from these fields (one ``--flag`` per field; field
 names are unique across the groups), a YAML config file is a :class:`Settings` serialised, and
 ``run.json`` / ``config.json`` of a run folder hold the settings the run really used.

@@ -129,7 +129,7 @@ def gaussian_blur(images: Tensor, kernel_size: int = 3, sigma: tuple[float, floa
 
 @dataclass
 class ViewConfig:
-    """The view recipe; the defaults are the authors' (FIRM.md)."""
+    """The view recipe; the defaults are the authors' (docs/method.md)."""
 
     size: int = 32
     crop_scale: tuple[float, float] = (0.25, 1.0)
