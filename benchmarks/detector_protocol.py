@@ -1,0 +1,358 @@
+"""The protocol that chooses the pretrained patch detector's defaults, and its report.
+
+Follows docs/results/detector-protocol/PROTOCOL.md (written before the runs): four development
+units (the real KolektorSDD and MVTec screw test splits and a synthetic held-out split of each),
+seeds 0, 1, 2, three stages (layers, resolution, coreset size) decided one after the other by the
+rule stated there, then the chosen defaults measured through FIRMDetector itself beside a
+raw-pixel kNN baseline and, with --firm, FIRM trained from scratch.
+
+    python benchmarks/detector_protocol.py --root ../shared/data/industrial --out docs/results/detector-protocol
+
+Every finished row is saved in OUT/results.json at once; a rerun skips rows already there, so a
+stopped run resumes. OUT/report.md is rebuilt from results.json at the end (--report-only: only that).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from firm.config import apply_overrides, preset
+from firm.data import find_images, image_sides, input_shape, load_defect_dataset, resize_images
+from firm.detector import FIRMDetector, pretrained_model
+from firm.evaluation import auroc
+from firm.maps import PatchBank, map_metrics
+from firm.models import Encoder
+from firm.scoring import knn_similarity
+from firm.serialization import atomic_write, read_json, write_json
+
+SEEDS = (0, 1, 2)
+BASE = {"patch_stages": (2, 3), "pretrained_size": 224, "patch_bank": 4096}
+STAGES = [("patch_stages", [(2, 3), (2,), (3,)]), ("pretrained_size", [160, 224, 288]),
+          ("patch_bank", [1024, 4096, 16384])]
+TOLERANCE = 0.005  # a cheaper candidate within this of the best primary figure wins
+SYNTHETIC_SHARE = 0.2
+PIXEL_SIZE = 64
+
+
+# ------------------------------------------------------------------ units
+def paste_defects(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic defects in uint8 images ``(N, C, H, W)``: in each image either a rectangle cut
+    from another image (flipped, brightness shifted by 25-50 %) or a thin straight scratch of
+    random intensity, covering 0.5-4 % of the image. Returns the images and 0/1 masks."""
+    gen = np.random.default_rng(seed)
+    out, masks = images.clone(), torch.zeros(len(images), *images.shape[-2:], dtype=torch.uint8)
+    n, _, H, W = images.shape
+    for i in range(n):
+        area = gen.uniform(0.005, 0.04) * H * W
+        if gen.random() < 0.5:
+            aspect = gen.uniform(0.5, 2.0)
+            h, w = max(2, int(np.sqrt(area / aspect))), max(2, int(np.sqrt(area * aspect)))
+            h, w = min(h, H - 1), min(w, W - 1)
+            src = images[(i + 1 + gen.integers(n - 1)) % n]
+            sy, sx, ty, tx = gen.integers(H - h), gen.integers(W - w), gen.integers(H - h), gen.integers(W - w)
+            patch = src[:, sy:sy + h, sx:sx + w].flip(-1).float()
+            patch = patch * (1 + gen.choice([-1, 1]) * gen.uniform(0.25, 0.5))
+            out[i, :, ty:ty + h, tx:tx + w] = patch.clamp(0, 255).to(torch.uint8)
+            masks[i, ty:ty + h, tx:tx + w] = 1
+        else:
+            width = int(gen.integers(2, 5))
+            length = area / width
+            angle = gen.uniform(0, np.pi)
+            cy, cx = gen.uniform(0.2, 0.8) * H, gen.uniform(0.2, 0.8) * W
+            yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
+                                    indexing="ij")
+            along = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+            across = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+            line = (along.abs() <= length / 2) & (across.abs() <= width / 2)
+            out[i][:, line] = int(gen.integers(0, 256))
+            masks[i][line] = 1
+    return out, masks
+
+
+def load_unit(root: Path, unit: str, shape: tuple[int, int], seed: int):
+    """``(train, test, is_anomaly, masks or None)`` of a unit, images resized to ``shape``."""
+    name = unit.removesuffix("-synthetic")
+    train, test, y, masks = load_defect_dataset(root / name, shape, 3)
+    if unit == name:
+        return train.images, test.images, y, masks
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train), generator=gen)
+    n_test = int(round(SYNTHETIC_SHARE * len(train)))
+    held, fit_on = train.images[order[:n_test]], train.images[order[n_test:]]
+    n_bad = n_test // 2
+    bad, bad_masks = paste_defects(held[:n_bad], seed)
+    images = torch.cat([held[n_bad:], bad])
+    y = torch.cat([torch.zeros(n_test - n_bad, dtype=torch.long), torch.ones(n_bad, dtype=torch.long)])
+    masks = torch.cat([torch.zeros(n_test - n_bad, *shape, dtype=torch.uint8), bad_masks])
+    return fit_on, images, y, masks
+
+
+def unit_shape(root: Path, unit: str, size: int) -> tuple[int, int]:
+    """The input shape the detector chooses for a unit's normal images at shorter side ``size``."""
+    settings = apply_overrides(preset("detector"), {"pretrained_size": size})
+    sides = image_sides(root / unit.removesuffix("-synthetic") / "train" / "good")
+    m = pretrained_model(settings, sides)
+    return input_shape(m.image_size, m.aspect)
+
+
+def figures(scores: torch.Tensor, y: torch.Tensor, maps: torch.Tensor | None, masks) -> dict:
+    out = {"image_auroc": auroc(np.asarray(scores, dtype=np.float64), y.numpy())}
+    if maps is not None and masks is not None:
+        metrics = map_metrics(maps, masks, y.numpy())
+        out.update(pixel_auroc=metrics.get("pixel_auroc"), pro=metrics.get("pro"))
+    return out
+
+
+# ------------------------------------------------------------------ rows
+class Results:
+    """Rows of OUT/results.json by key, saved after every new row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = {r["key"]: r for r in read_json(path, "results")} if path.exists() else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def add(self, row: dict) -> None:
+        self.rows[row["key"]] = row
+        write_json(self.path, sorted(self.rows.values(), key=lambda r: r["key"]))
+
+
+def config_key(config: dict) -> str:
+    return "layers{}-px{}-bank{}".format("".join(map(str, config["patch_stages"])), config["pretrained_size"],
+                                         config["patch_bank"])
+
+
+def selection_rows(results: Results, root: Path, units: list[str], configs: list[dict], seeds) -> None:
+    """Rows of the selection stages: features once per (unit, seed split, layers, size), then one
+    coreset and scoring per bank size."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in configs:
+        groups.setdefault((tuple(c["patch_stages"]), c["pretrained_size"]), []).append(c)
+    for unit in units:
+        synthetic = unit.endswith("-synthetic")
+        for (stages, size), group in groups.items():
+            # a synthetic unit's split depends on the seed; a real unit's features do not
+            for split_seed in (seeds if synthetic else seeds[:1]):
+                cells = [(c, seed) for c in group for seed in ([split_seed] if synthetic else seeds)
+                         if f"select/{config_key(c)}/{unit}/s{seed}" not in results]
+                if not cells:
+                    continue
+                shape = unit_shape(root, unit, size)
+                train, test, y, masks = load_unit(root, unit, shape, split_seed)
+                settings = apply_overrides(preset("detector"), {"pretrained_size": size})
+                encoder = Encoder(pretrained_model(settings, [shape])).eval()
+                start = time.perf_counter()
+                probe = PatchBank(encoder, stages=stages, max_grid=1000)
+                train_grid, test_grid = probe.extract(train), probe.extract(test)
+                extract_s = time.perf_counter() - start
+                train_share = len(train) / (len(train) + len(test))
+                for c, seed in cells:
+                    start = time.perf_counter()
+                    bank = PatchBank(encoder, stages=stages, coreset=1.0, max_bank=c["patch_bank"], max_grid=1000,
+                                     projection_dim=32, seed=seed).fit(train_grid)
+                    coreset_s = time.perf_counter() - start
+                    start = time.perf_counter()
+                    maps, scores = bank.score(test_grid)
+                    score_s = time.perf_counter() - start
+                    row = {"key": f"select/{config_key(c)}/{unit}/s{seed}", "stage": "select", "config": c,
+                           "unit": unit, "seed": seed, "shape": list(shape), "train_images": len(train),
+                           "test_images": len(test), "fit_seconds": extract_s * train_share + coreset_s,
+                           "score_seconds": score_s + extract_s * (1 - train_share), **figures(scores, y, maps, masks)}
+                    results.add(row)
+                    print(f"{row['key']}: image AUROC {row['image_auroc']:.4f}"
+                          + (f", pixel {row['pixel_auroc']:.4f}" if row.get("pixel_auroc") is not None else "")
+                          + f", fit {row['fit_seconds']:.0f} s", flush=True)
+
+
+def unit_means(results: Results, config: dict, units: list[str], metric: str) -> dict[str, float]:
+    """Per unit, the mean of ``metric`` over the seeds run; units without a row are left out."""
+    out = {}
+    for unit in units:
+        values = [r[metric] for r in results.rows.values() if r["stage"] == "select" and r["unit"] == unit
+                  and r["config"] == config and r.get(metric) is not None]
+        if values:
+            out[unit] = float(np.mean(values))
+    return out
+
+
+def choose(results: Results, units: list[str], candidates: list[dict]) -> tuple[dict, list[dict]]:
+    """The stage's winner by the protocol's rule, and a table row per candidate."""
+    table = []
+    for c in candidates:
+        image = unit_means(results, c, units, "image_auroc")
+        pixel = unit_means(results, c, units, "pixel_auroc")
+        fit = unit_means(results, c, units, "fit_seconds")
+        table.append({"config": c, "units": len(image), "image_auroc": float(np.mean(list(image.values()))),
+                      "per_unit": image, "pixel_auroc": float(np.mean(list(pixel.values()))) if pixel else None,
+                      "fit_seconds": float(np.mean(list(fit.values())))})
+    complete = [t for t in table if t["units"] == len(units)]
+    if not complete:
+        raise RuntimeError("no candidate of this stage has a row on every unit")
+    best = max(t["image_auroc"] for t in complete)
+    near = [t for t in complete if t["image_auroc"] >= best - TOLERANCE]
+    winner = min(near, key=lambda t: (t["fit_seconds"], -t["image_auroc"], -(t["pixel_auroc"] or 0)))
+    return winner["config"], table
+
+
+# ------------------------------------------------------------------ final figures
+def raw_pixel_rows(results: Results, root: Path, units: list[str], seeds) -> None:
+    """The raw-pixel kNN baseline: grey 64 px, centred and normalised, cosine to the nearest normal image."""
+    def vectors(images):
+        x = resize_images(images, PIXEL_SIZE, 1).float().flatten(1)
+        return F.normalize(x - x.mean(1, keepdim=True), dim=1)
+    for unit in units:
+        for seed in (seeds if unit.endswith("-synthetic") else seeds[:1]):
+            key = f"final/raw_pixel_knn/{unit}/s{seed}"
+            if key in results:
+                continue
+            train, test, y, masks = load_unit(root, unit, (PIXEL_SIZE * 2, PIXEL_SIZE * 2), seed)
+            start = time.perf_counter()
+            scores = -knn_similarity(vectors(train), vectors(test), 1)[:, 0]
+            results.add({"key": key, "stage": "final", "method": "raw_pixel_knn", "unit": unit, "seed": seed,
+                         "fit_seconds": time.perf_counter() - start, **figures(scores, y, None, None)})
+
+
+def detector_row(root: str, unit: str, seed: int, overrides: dict) -> dict:
+    """One fit and scoring through FIRMDetector (run in its own process, so that its peak memory
+    is its own)."""
+    root = Path(root)
+    settings = apply_overrides(preset("detector"), {**overrides, "seed": seed})
+    det = FIRMDetector(settings, progress=False)
+    if unit.endswith("-synthetic"):  # the split of load_unit: the same seeded order of the sorted files
+        paths = find_images(root / unit.removesuffix("-synthetic") / "train" / "good")
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))
+        fit_paths = [str(paths[i]) for i in order[int(round(SYNTHETIC_SHARE * len(paths))):].tolist()]
+    else:
+        fit_paths = [str(root / unit / "train" / "good")]
+    start = time.perf_counter()
+    det.fit(fit_paths)
+    fit_s = time.perf_counter() - start
+    _, test, y, masks = load_unit(root, unit, det.input_shape, seed)
+    start = time.perf_counter()
+    if det.patches_ is not None:
+        maps, scores = det.maps_and_scores(test)
+        maps = torch.from_numpy(maps)
+    else:
+        maps, scores = None, det.decision_function(test)
+    score_s = time.perf_counter() - start
+    return {"fit_seconds": fit_s, "score_seconds": score_s, "images_per_second": len(test) / score_s,
+            "method_used": det.method_, "score_used": det.score_, "shape": list(det.input_shape),
+            "train_images": len(det.train_paths_), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads(), **figures(scores, y, maps, masks)}
+
+
+def final_rows(results: Results, root: Path, units: list[str], seeds, method: str, overrides: dict) -> None:
+    for unit in units:
+        for seed in seeds:
+            key = f"final/{method}/{unit}/s{seed}"
+            if key in results:
+                continue
+            out = subprocess.run([sys.executable, __file__, "--one", json.dumps([str(root), unit, seed, overrides])],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"{key} failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            results.add({"key": key, "stage": "final", "method": method, "unit": unit, "seed": seed,
+                         "overrides": overrides, **row})
+            print(f"{key}: image AUROC {row['image_auroc']:.4f}, fit {row['fit_seconds']:.0f} s, "
+                  f"{row['images_per_second']:.1f} images/s, peak {row['peak_rss_mb']:.0f} MB", flush=True)
+
+
+# ------------------------------------------------------------------ report
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _fmt(v, digits=3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def report(results: Results, units: list[str], stages: list[tuple[str, list[dict], dict, list[dict]]]) -> str:
+    lines = ["# Pretrained patch detector: protocol report", "",
+             "Built by `python benchmarks/detector_protocol.py` from `results.json` (the protocol: "
+             "[PROTOCOL.md](PROTOCOL.md)). Development units: " + ", ".join(units) + ".", ""]
+    for name, _, winner, table in stages:
+        lines += [f"## Stage: {name}", "", "| candidate | units | mean image AUROC | per unit | mean pixel AUROC | "
+                  "mean fit s |", "|---|---|---|---|---|---|"]
+        for t in table:
+            mark = " **(chosen)**" if t["config"] == winner else ""
+            per = ", ".join(f"{u} {v:.3f}" for u, v in t["per_unit"].items())
+            lines.append(f"| {config_key(t['config'])}{mark} | {t['units']} | {t['image_auroc']:.4f} | {per} | "
+                         f"{_fmt(t['pixel_auroc'], 4)} | {t['fit_seconds']:.1f} |")
+        lines.append("")
+    finals = [r for r in results.rows.values() if r["stage"] == "final"]
+    if finals:
+        lines += ["## The chosen defaults and the baselines, per unit (mean over seeds, [min, max] over seeds)", "",
+                  "| method | unit | seeds | image AUROC | pixel AUROC | PRO | fit s | images/s | peak MB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for method in sorted({r["method"] for r in finals}):
+            for unit in units:
+                rows = [r for r in finals if r["method"] == method and r["unit"] == unit]
+                if not rows:
+                    continue
+                img = [r["image_auroc"] for r in rows]
+                lines.append(f"| {method} | {unit} | {len(rows)} | {np.mean(img):.3f} [{min(img):.3f}, {max(img):.3f}] | "
+                             f"{_fmt(_mean(rows, 'pixel_auroc'))} | {_fmt(_mean(rows, 'pro'))} | "
+                             f"{_fmt(_mean(rows, 'fit_seconds'), 1)} | {_fmt(_mean(rows, 'images_per_second'), 1)} | "
+                             f"{_fmt(_mean(rows, 'peak_rss_mb'), 0)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", help="folder holding the development sets (MVTec AD layout)")
+    p.add_argument("--out", default="docs/results/detector-protocol")
+    p.add_argument("--units", default="kolektorsdd,mvtec_screw,kolektorsdd-synthetic,mvtec_screw-synthetic")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--firm", action="store_true", help="also fit FIRM from scratch (method firm) on every unit and seed")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        root, unit, seed, overrides = json.loads(args.one)
+        print(json.dumps(detector_row(root, unit, seed, overrides)))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = Results(out / "results.json")
+    units, seeds = args.units.split(","), [int(s) for s in args.seeds.split(",")]
+    config, stages = dict(BASE), []
+    for name, values in STAGES:
+        candidates = [{**config, name: v} for v in values]
+        if not args.report_only:
+            selection_rows(results, Path(args.root), units, candidates, seeds)
+        try:
+            winner, table = choose(results, units, candidates)
+        except RuntimeError:
+            break
+        stages.append((name, candidates, winner, table))
+        config = winner
+    if len(stages) == len(STAGES) and not args.report_only:
+        root = Path(args.root)
+        raw_pixel_rows(results, root, units, seeds)
+        chosen = {"method": "patch", "patch_stages": list(config["patch_stages"]),
+                  "pretrained_size": config["pretrained_size"], "patch_bank": config["patch_bank"]}
+        final_rows(results, root, units, seeds, "patch_detector", chosen)
+        if args.firm:
+            final_rows(results, root, units, seeds, "firm_from_scratch", {"method": "firm"})
+    atomic_write(out / "report.md", report(results, units, stages))
+    write_json(out / "chosen.json", {"stages_decided": len(stages), "config": config})
+    print(f"report written to {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
