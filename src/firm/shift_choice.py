@@ -133,9 +133,9 @@ def choose_shifts(images: Tensor, seed: int = 0, max_images: int = 1000) -> tupl
     MVTec AD in some versions of their code. Fewer than 4 images cannot be tested: cut-paste.
 
     A cheap proxy: a CNN sees orientation that these descriptors miss, so natural photos with a
-    weak orientation (animals in varied poses, e.g. some CIFAR-10 classes, 55-70%) get cut-paste;
-    set the shifts by hand to override. About a second for 200 images of 256 px on one CPU
-    thread; deterministic for a given ``seed``.
+    weak orientation (animals in varied poses) get cut-paste; set the shifts by hand to override.
+    It works on 32 x 32 thumbnails of at most ``max_images`` images, so its cost does not grow
+    with the image size; deterministic for a given ``seed``.
     """
     if images.ndim != 4:
         raise ValueError(f"choose_shifts needs images (N, C, H, W), got shape {tuple(images.shape)}")

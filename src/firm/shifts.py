@@ -110,10 +110,9 @@ class CutPaste(Shift):
 
     ``p`` is the probability that an image is pasted at all; an image that is not comes back
     unchanged and is still an outlier (the authors append every shifted copy with label -1
-    whether or not it was changed). Their ``CutPaste`` class has ``p=0.5`` as its default, but
-    the code that makes their outliers passes ``p=1.0`` (``data.py`` at commits 23c6ffb, 2558887,
-    cb7556) or uses a version of the class without ``p`` that always pastes (aa8eb76); so the
-    default here is 1.
+    whether or not it was changed). Their ``CutPaste`` class defaults to ``p=0.5``, but the code
+    that makes their outliers passes ``p=1.0`` or uses a version of the class that always pastes;
+    so the default here is 1.
     """
 
     name = "cutpaste"
