@@ -25,7 +25,7 @@ How a map is made (Roth et al., "Towards Total Recall in Industrial Anomaly Dete
    selection costs ``bank size x patches x min(D, projection_dim)`` multiply-adds, the
    largest part of ``fit`` on a CPU.
 3. *Maps.* Each test patch's Euclidean distance to its nearest bank patch (exact, through
-   faiss in blocks), placed at the patch's centre and interpolated bilinearly to every pixel,
+   the tiled kNN search), placed at the patch's centre and interpolated bilinearly to every pixel,
    then smoothed by a Gaussian (sigma 4 px, as PatchCore). The image score is the map's
    maximum (higher = more anomalous).
 
@@ -189,7 +189,7 @@ def image_scores(maps: Tensor) -> Tensor:
 
 def nearest_distance(bank: Tensor, queries: Tensor) -> Tensor:
     """Euclidean distance of each query ``(Q, D)`` to its nearest bank row ``(M, D)``, exact,
-    through :func:`~firm.scoring.knn_similarity` (faiss, in blocks, so memory stays bounded):
+    through :func:`~firm.scoring.knn_similarity` (in tiles, so memory stays bounded):
     ``|q - b|^2 = |q|^2 - max_b (2 q.b - |b|^2)``, an inner product of ``[q, 1]`` with
     ``[2 b, -|b|^2]``."""
     bank, queries = bank.float(), queries.float()
