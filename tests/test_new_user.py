@@ -365,7 +365,7 @@ def test_the_readme_test_command_has_its_own_fresh_environment_and_ci_runs_exact
 def test_demo_says_when_it_reused_finished_runs(tmp_path, monkeypatch, capsys):
     import firm.bench
 
-    def finished(specs, settings, out, preset, progress, log):
+    def finished(specs, settings, out, preset, progress, log, jobs=1):
         for spec in specs[:3]:
             log(f"skip {spec.key} (done)")
         return [{"loss": s.loss, "normal_class": s.normal_class, "total_seconds": 1.0,
@@ -462,3 +462,10 @@ def test_speed_refuses_to_replace_its_earlier_figures_without_overwrite(tmp_path
     monkeypatch.setattr(firm.speed, "run_speed", _never)
     assert main(["speed", "--out", str(tmp_path), "--quiet"]) == 1
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "speed.json").read_text() == "{}"
+
+
+def test_the_report_labels_map_overlays_of_images_scored_by_a_relative_path():
+    from firm.report import _label_of
+    labels = {"/data/test/seven/000.png": 1, "/data/test/good/000.png": 0}
+    assert _label_of("test/seven/000.png", labels) == 1 and _label_of("good/000.png", labels) == 0
+    assert _label_of("000.png", labels) is None  # two images of that name: no label rather than a guess

@@ -267,10 +267,21 @@ def _anomaly_maps(page: _Page, maps_dir: Path, rows: list[dict]) -> None:
             continue
         with Image.open(maps_dir / row["file"]) as im:
             ax.imshow(np.asarray(im.convert("RGB")))
-        colour, name = _COLOURS.get(labels.get(row["name"]), ("black", ""))
+        colour, name = _COLOURS.get(_label_of(row["name"], labels), ("black", ""))
         ax.set_title(f"{row['score']:.3f} {name}\n{_clip(short)}", fontsize=7, color=colour)
     page.figure(fig, "anomaly_maps", f"The {len(shown)} most anomalous images by anomaly map (red = anomalous): "
                                      "map maximum, true label where known, folder / file")
+
+
+def _label_of(name: str, labels: dict[str, int]) -> int | None:
+    """The true label of an overlay's image: ``name`` is its path as ``firm score`` was given it
+    (relative to where it ran), ``labels`` maps scores.csv's absolute paths; the label of the one
+    path that ends with ``name``, or None."""
+    if name in labels:
+        return labels[name]
+    parts = Path(name).parts
+    found = {v for path, v in labels.items() if Path(path).parts[-len(parts):] == parts}
+    return found.pop() if len(found) == 1 else None
 
 
 def _summary(config: dict, records: list[dict], threshold, scores, labels, auc, column,
@@ -317,9 +328,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, progress: b
     rows, columns = _read_scores(run_dir / "scores.csv") if present["scores.csv"] else ([], [])
     notes, column, scores, labels, auc = [], None, None, None, None
     if rows and columns:
-        configured = f"{det.get('scorer')}:{det.get('tta')}"
+        own = [c for c in columns if c.startswith("detector:")]  # the detector's own score, on its threshold's scale
+        configured = own[0] if own else f"{det.get('scorer')}:{det.get('tta')}"
         column = configured if configured in columns else columns[0]
-        threshold = threshold if column == configured else None  # the threshold belongs to the configured scorer
+        threshold = threshold if column == configured else None  # the threshold belongs to the configured score
         scores = np.array([float(r[column]) for r in rows])
         labels = np.array([int(r["is_anomaly"]) for r in rows])
         if labels.min() != labels.max():
