@@ -35,7 +35,7 @@ from sklearn.base import BaseEstimator
 from torch import Tensor
 
 from .config import DataConfig, ModelConfig, Settings, apply_overrides, preset
-from .data import image_sides, input_shape, read_images
+from .data import image_sides, input_shape, is_paths, read_images
 from .efficientnet import WeightsMissing, packaged_weights
 from .features import FeatureSet, extract_features
 from .maps import PatchBank
@@ -103,6 +103,21 @@ def pretrained_model(settings: Settings, sides: list[tuple[int, int]]) -> ModelC
         aspect = 1.0  # near-square images are read square
     return ModelConfig(backbone=_PATCH_BACKBONE, weights=PACKAGED, init="pytorch", head_layers=0, head_out=128,
                        image_size=d.pretrained_size, aspect=round(aspect, 4), in_channels=3)
+
+
+SQUEEZE_WARNING = 1.3
+"""Images whose aspect ratio differs from the detector's input by more than this factor get a warning."""
+
+
+def _warn_if_squeezed(sides: list[tuple[int, int]], shape: tuple[int, int], name: str) -> None:
+    """One warning when images of ``sides`` are stretched far from their shape by resizing to ``shape``."""
+    target = shape[1] / shape[0]
+    far = [(h, w) for h, w in sides if max(w / h / target, target * h / w) > SQUEEZE_WARNING]
+    if far:
+        h, w = far[0]
+        warnings.warn(f"{name}: {len(far)} of {len(sides)} image(s) are resized far from their shape (e.g. {w} x {h} "
+                      f"px to {shape[1]} x {shape[0]}); the detector reads every image at one shape, the normal "
+                      "images' median aspect ratio on the pretrained path, square on the firm path", stacklevel=3)
 
 
 def _scale(normal_scores: np.ndarray, rate: float) -> tuple[float, float]:
@@ -180,7 +195,9 @@ class FIRMDetector(BaseEstimator):
             notes.append(f"trained at {s.model.image_size} px with the {resolve_stem(s.model)} stem")
             self._log(notes[-1])
         m = s.model
-        images, paths = read_images(X, input_shape(m.image_size, m.aspect), m.in_channels, name="normal images")
+        shape = input_shape(m.image_size, m.aspect)
+        _warn_if_squeezed(sides, shape, "normal images")
+        images, paths = read_images(X, shape, m.in_channels, name="normal images")
         train_idx, hold_idx = self._split(s, len(images))
         self.method_ = method
         self.score_ = s.detector.score if s.detector.score != AUTO else (PATCH if large else POOLED)
@@ -308,6 +325,8 @@ class FIRMDetector(BaseEstimator):
     def read(self, X, name: str = "images to score") -> tuple[Tensor, list[str]]:
         """Images as this detector's encoder takes them, and their paths."""
         self._check_fitted()
+        if is_paths(X):
+            _warn_if_squeezed(image_sides(X, name), self.input_shape, name)
         return read_images(X, self.input_shape, self.settings_.model.in_channels, name=name)
 
     def _raw_scores(self, images: Tensor) -> np.ndarray:
