@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,59 +28,103 @@ __all__ = ["Scorer", "ScorerEntry", "SCORERS", "ALL", "build_scorer", "scorer_na
            "knn_similarity", "knn_search", "knn_backend", "knn_measurements", "KNN_BACKENDS"]
 
 _CHUNK = 4096
-# kNN in tiles of queries x bank rows: one tile of similarities (8 Mi floats, 32 MiB) stays in
-# the last-level cache between the matmul that writes it and the reductions that read it, and a
-# tile is wide enough that the per-row work of the top-k (a few small ops) is cheap beside it.
-_TILE = 1 << 23
+# kNN in tiles of queries x bank rows. A tile of similarities (4 Mi floats, 16 MiB per thread)
+# stays in the last-level cache between the matmul that writes it and the reductions that read
+# it, and is wide enough that the per-row work of the top-k (a few small ops) is cheap beside it.
+_TILE = 1 << 22
 _TILE_BANK = 8192
 _GROUP = 64  # bank rows per group in the top-k: one max per group, then top-k of the best groups
 _FAISS_BLOCKS = (1024, 16384)  # queries x bank rows per BLAS call when faiss runs the search
 # Calls smaller than this (queries x bank rows x dim) use torch without measuring the others;
 # larger ones measure every backend once per process on a slice of their own data.
-_MEASURE_ABOVE = 1 << 34
-_SLICE = (512, 8192)  # queries x bank rows of that slice
-_MARGIN = 0.9  # another backend replaces torch only when it takes under 0.9 of torch's time there
+_MEASURE_ABOVE = 1 << 35
+_SLICE = (1024, 8192)  # queries x bank rows of that slice
+
+
+def _torch_matmul(queries: Tensor, bank_rows: Tensor, out: Tensor) -> None:
+    torch.mm(queries, bank_rows.T, out=out)
+
+
+def _numpy_matmul(queries: Tensor, bank_rows: Tensor, out: Tensor) -> None:
+    np.matmul(queries.numpy(), bank_rows.numpy().T, out=out.numpy())
+
+
+Matmul = Callable[[Tensor, Tensor, Tensor], None]
+
+
+def _knn_block(bank: Tensor, queries: Tensor, k: int, width: int, matmul: Matmul) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` of a block of queries against the bank, ``width`` bank rows at a time: per
+    tile, the matmul (``matmul(queries, bank_rows, out)``), then the maximum of each group of ``_GROUP`` consecutive bank rows, the ``k``
+    groups with the largest maxima, and the top ``k`` of those groups' similarities, merged with
+    the best so far. The ``k`` largest similarities of a row always lie in its ``k`` groups of
+    largest maxima (a group holding one of them has a maximum at least that large, and at most
+    ``k - 1`` other groups can beat it), so the result is exact, ties included."""
+    n, n_bank = len(queries), len(bank)
+    buffer = queries.new_empty(n * width)
+    best_sims = best_index = None
+    for b0 in range(0, n_bank, width):
+        w = min(width, n_bank - b0)
+        padded = -(-w // _GROUP) * _GROUP
+        tile = buffer[: n * padded].view(n, padded)
+        matmul(queries, bank[b0:b0 + w], tile[:, :w])
+        groups = padded // _GROUP
+        if groups < 4 * k:  # too few groups to save work: top-k of the whole tile
+            v, j = tile[:, :w].topk(min(k, w), dim=1)
+        else:
+            tile[:, w:] = float("-inf")
+            grouped = tile.view(n, groups, _GROUP)
+            top_groups = grouped.amax(2).topk(k, dim=1, sorted=False).indices
+            candidates = grouped[torch.arange(n, device=queries.device)[:, None], top_groups].view(n, k * _GROUP)
+            v, j = candidates.topk(k, dim=1)
+            j = top_groups.gather(1, j // _GROUP) * _GROUP + j % _GROUP
+        j += b0
+        if best_sims is not None:
+            v, pick = torch.cat([best_sims, v], 1).topk(k, dim=1)
+            j = torch.cat([best_index, j], 1).gather(1, pick)
+        best_sims, best_index = v, j
+    return best_sims, best_index
+
+
+def _knn_tiled(bank: Tensor, queries: Tensor, k: int, matmul: Matmul = _torch_matmul) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` in blocks of queries (:func:`_knn_block`), the reductions in torch and the
+    matmuls by ``matmul``. On a CPU with several torch threads, each block runs whole on one
+    thread and the threads take blocks in turn: torch's own threading would split every small
+    reduction across threads, which then wait for each other at each one (slow on a busy
+    machine). For the duration of the call torch and the BLAS libraries are set to one thread
+    per block; their settings are restored afterwards."""
+    width = min(_TILE_BANK, -(-len(bank) // _GROUP) * _GROUP)
+    threads = torch.get_num_threads() if queries.device.type == "cpu" else 1
+    rows = max(1, min(_TILE // width, -(-len(queries) // threads)))
+    sims = queries.new_empty(len(queries), k)
+    index = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
+
+    def block(start: int) -> None:
+        sims[start:start + rows], index[start:start + rows] = _knn_block(bank, queries[start:start + rows], k, width,
+                                                                         matmul)
+
+    starts = range(0, len(queries), rows)
+    if threads == 1 or len(starts) == 1:
+        for start in starts:
+            block(start)
+        return sims, index
+    from threadpoolctl import threadpool_limits
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            list(pool.map(block, starts))
+    finally:
+        torch.set_num_threads(threads)
+    return sims, index
 
 
 def _knn_torch(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` in tiles with torch: per tile, the matmul, then the maximum of each group of
-    ``_GROUP`` consecutive bank rows, the ``k`` groups with the largest maxima, and the top ``k``
-    of those groups' similarities, merged with the best so far. The ``k`` largest similarities
-    of a row always lie in its ``k`` groups of largest maxima (a group holding one of them has a
-    maximum at least that large, and at most ``k - 1`` other groups can beat it), so the result is
-    exact, ties included."""
-    n_bank = len(bank)
-    width = min(_TILE_BANK, -(-n_bank // _GROUP) * _GROUP)
-    rows = max(1, _TILE // width)
-    sims = queries.new_empty(len(queries), k)
-    index = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
-    buffer = queries.new_empty(min(rows, len(queries)) * width)
-    for q0 in range(0, len(queries), rows):
-        q = queries[q0:q0 + rows]
-        n = len(q)
-        best_sims = best_index = None
-        for b0 in range(0, n_bank, width):
-            w = min(width, n_bank - b0)
-            padded = -(-w // _GROUP) * _GROUP
-            tile = buffer[: n * padded].view(n, padded)
-            torch.mm(q, bank[b0:b0 + w].T, out=tile[:, :w])
-            groups = padded // _GROUP
-            if groups < 4 * k:  # too few groups to save work: top-k of the whole tile
-                v, j = tile[:, :w].topk(min(k, w), dim=1)
-            else:
-                tile[:, w:] = float("-inf")
-                grouped = tile.view(n, groups, _GROUP)
-                top_groups = grouped.amax(2).topk(k, dim=1, sorted=False).indices
-                candidates = grouped[torch.arange(n, device=q.device)[:, None], top_groups].view(n, k * _GROUP)
-                v, j = candidates.topk(k, dim=1)
-                j = top_groups.gather(1, j // _GROUP) * _GROUP + j % _GROUP
-            j += b0
-            if best_sims is not None:
-                v, pick = torch.cat([best_sims, v], 1).topk(k, dim=1)
-                j = torch.cat([best_index, j], 1).gather(1, pick)
-            best_sims, best_index = v, j
-        sims[q0:q0 + n], index[q0:q0 + n] = best_sims, best_index
-    return sims, index
+    """Exact top-``k`` in tiles, the matmuls by torch's BLAS (any device)."""
+    return _knn_tiled(bank, queries, k, _torch_matmul)
+
+
+def _knn_numpy(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` in tiles, the matmuls by numpy's BLAS (CPU, another library than torch's)."""
+    return _knn_tiled(bank, queries, k, _numpy_matmul)
 
 
 def _knn_faiss(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -107,8 +152,10 @@ def _faiss_available() -> bool:
 
 
 KNN_BACKENDS: Registry[Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]] = Registry("kNN backend",
-                                                                                       {"torch": _knn_torch})
-"""The exact top-k implementations :func:`knn_search` chooses from (faiss when installed)."""
+                                                                                       {"torch": _knn_torch,
+                                                                                        "numpy": _knn_numpy})
+"""The exact top-k implementations :func:`knn_search` chooses from: the same tiled search with
+torch's or numpy's BLAS (often different libraries), and faiss when installed."""
 if _faiss_available():
     KNN_BACKENDS.register("faiss", _knn_faiss)
 
@@ -134,16 +181,16 @@ def _measure(bank: Tensor, queries: Tensor, k: int, repeats: int = 3) -> None:
 
 
 def knn_backend(bank: Tensor, queries: Tensor, k: int) -> str:
-    """The backend :func:`knn_search` uses for these inputs: torch for small searches, for other
-    devices and dtypes than float32 on the CPU; otherwise the fastest one measured in this process
-    (measured on the first such call), torch unless another takes under 0.9 of its time."""
+    """The backend :func:`knn_search` uses for these inputs: torch for small searches and for other
+    devices and dtypes than float32 on the CPU; otherwise the one that was fastest on the slice
+    measured in this process (at its first such call). Every backend is exact, so the choice
+    changes the time only."""
     if (queries.device.type != "cpu" or queries.dtype != torch.float32 or len(KNN_BACKENDS) == 1
             or len(queries) * len(bank) * queries.shape[1] < _MEASURE_ABOVE):
         return "torch"
     if not _measured:
         _measure(bank, queries, k)
-    fastest = min(_measured, key=_measured.__getitem__)
-    return fastest if _measured[fastest] < _MARGIN * _measured["torch"] else "torch"
+    return min(_measured, key=_measured.__getitem__)
 
 
 def knn_search(bank: Tensor, queries: Tensor, k: int, backend: str | None = None) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import resource
 import statistics
 import sys
@@ -272,10 +273,8 @@ def library_versions() -> dict:
 
 def _torch_blas() -> str | None:
     """The BLAS torch was built with (``BLAS_INFO`` in its build configuration)."""
-    for part in torch.__config__.show().replace("\n", ",").split(","):
-        if part.strip().startswith("BLAS_INFO="):
-            return part.strip().split("=", 1)[1]
-    return None
+    found = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return found.group(1) if found else None
 
 
 def run_speed(device: str = "cpu", width: int = 16, batch_size: int = 256, amp: bool = False, head: str = "cpu",
