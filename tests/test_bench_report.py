@@ -9,9 +9,9 @@ import pytest
 from scipy.stats import binomtest
 
 from firm.bench_report import write_report
-from firm.bench_stats import method_labels, read_results, speedup_log_ratios, target_epochs
+from firm.bench_stats import method_labels, speedup_log_ratios, target_epochs
 from firm.stats import race
-from firm.serialization import write_json
+from firm.serialization import read_json, write_json
 
 
 def run_result(cls, loss, seed, epochs, values, mode=None, budget=None, dataset="toy", extra_final=(), new=False):
@@ -87,7 +87,7 @@ def test_layouts_are_reported_apart_with_paired_statistics(layouts):
     assert "Methods: firm/concat, firm/pairwise, ntxent/concat, ntxent/pairwise (" in text
     assert not (layouts / "ladder.png").exists()
 
-    results = read_results(layouts / "results.json")
+    results = read_json(layouts / "results.json")
     assert len(results["records"]) == sum(len(json.loads(f.read_text())["records"])
                                           for f in (layouts / "runs").glob("*.json"))
     assert results["methods"] == ["firm/concat", "firm/pairwise", "ntxent/concat", "ntxent/pairwise"]
@@ -204,7 +204,7 @@ def test_budget_ladder(tmp_path):
     assert "| cifar10 (paper) | 2,000 | firm | rotsupcon |" in text and "7x faster than Rot-SupCon" in text
     png = tmp_path / "ladder.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    ladder = read_results(tmp_path / "results.json")["ladder"]
+    ladder = read_json(tmp_path / "results.json")["ladder"]
     assert ladder["budgets"] == [4, 8] and ladder["paper"]["speedup"]["ntxent"] == 12.0
     rows = {(r["budget"], r["other"]): r for r in ladder["rows"]}
     assert set(rows) == {(4, "ntxent"), (4, "rotsupcon"), (8, "ntxent"), (8, "rotsupcon")}
@@ -244,7 +244,7 @@ def test_change_in_gain_pairs_only_cells_that_ran_both_methods_at_both_budgets(t
                                       new=True))
     write_runs(tmp_path, results)
     write_report(tmp_path)
-    change = read_results(tmp_path / "results.json")["ladder"]["rows"][-1]["gain_change"]
+    change = read_json(tmp_path / "results.json")["ladder"]["rows"][-1]["gain_change"]
     # only class 0 ran at both budgets: its gain went from 1 to 2 points
     assert change["n_pairs"] == 1 and change["mean"] == pytest.approx(0.01)
 
@@ -260,7 +260,7 @@ def test_budget_ladder_shows_only_the_paper_claims_for_losses_that_ran(tmp_path)
     text = write_report(tmp_path).read_text()
     assert "| cifar10 (paper) | 2,000 | firm | ntxent |" in text
     assert "| cifar10 (paper) | 2,000 | firm | rotsupcon |" not in text
-    paper = read_results(tmp_path / "results.json")["ladder"]["paper"]  # what ladder.png draws as stars
+    paper = read_json(tmp_path / "results.json")["ladder"]["paper"]  # what ladder.png draws as stars
     assert paper["gain_points"] == {"ntxent": 6.2} and set(paper["speedup"]) == {"ntxent"}
 
 
@@ -276,7 +276,7 @@ def test_robustness_table_and_best_test_checkpoint(tmp_path):
                                   extra_final=[("kde", v)]))
     write_runs(tmp_path, results)
     text = write_report(tmp_path).read_text()
-    results = read_results(tmp_path / "results.json")
+    results = read_json(tmp_path / "results.json")
     robust = {r["scorer"]: r for r in results["robustness"]}
     assert robust["cos1"]["mean"] == pytest.approx(0.02) and robust["kde"]["mean"] == pytest.approx(-0.01)
     assert robust["kde"]["verdict"] == "below zero"

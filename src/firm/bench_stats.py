@@ -15,7 +15,6 @@ folders) are one layout and one budget.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -25,8 +24,8 @@ from .rundir import BENCH_RUNS
 from .serialization import read_json
 from .stats import PairedResult, compare, compare_differences, per_class_summary, race
 
-__all__ = ["final_aurocs", "learning_curves", "convergence", "method_labels", "method_order", "load_runs",
-           "read_results", "target_epochs", "speedup_log_ratios", "best_checkpoint", "bench_statistics",
+__all__ = ["final_aurocs", "learning_curves", "method_labels", "method_order", "load_runs",
+           "target_epochs", "speedup_log_ratios", "best_checkpoint", "bench_statistics",
            "statistics_json", "gain_changes", "ladder_json", "ladder_pairs", "change_key", "find_comparison",
            "budget_groups", "PAPER_LADDER", "SELECTION"]
 
@@ -102,13 +101,6 @@ def load_runs(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return runs, records
 
 
-def read_results(path: str | Path) -> dict:
-    """A bench ``results.json``: the current form (a dict with ``records`` and the statistics)
-    or the older one (a bare list of records), always as a dict."""
-    data = json.loads(Path(path).read_text())
-    return {"records": data} if isinstance(data, list) else data
-
-
 def final_aurocs(records: list[dict], scorer: str = "cos1", tta: str = "none") -> dict[Key, float]:
     """Final AUROC of each run for one scorer and ensemble (records of one budget)."""
     return {_key(r): r["auroc"] for r in records if r["final"] and r["scorer"] == scorer and r["tta"] == tta}
@@ -122,21 +114,6 @@ def learning_curves(records: list[dict], scorer: str = "cos1", tta: str = "none"
         if not r["final"] and r["scorer"] == scorer and r["tta"] == tta:
             points[_key(r)][r["epoch"]] = r["auroc"]
     return {k: (sorted(v), [v[e] for e in sorted(v)]) for k, v in points.items()}
-
-
-def convergence(curves: dict[Key, tuple[list[float], list[float]]], final: dict[Key, float],
-                baseline: str = "ntxent") -> dict[str, dict]:
-    """Per method: AULC of each run, and the epochs each run needs to reach the baseline's final
-    AUROC on the same class and seed (``inf`` if it never does)."""
-    out = defaultdict(lambda: {"aulc": [], "epochs": {}})
-    for key, (epochs, values) in curves.items():
-        loss = key[3]
-        if len(epochs) >= 2:
-            out[loss]["aulc"].append(aulc(epochs, values))
-        target_key = key[:3] + (baseline, key[4])
-        if target_key in final:
-            out[loss]["epochs"][key[:3] + key[4:]] = epochs_to_reach(epochs, values, final[target_key])
-    return dict(out)
 
 
 def target_epochs(firm_curves: dict[Cell, tuple[list, list]], other_curves: dict[Cell, tuple[list, list]],
