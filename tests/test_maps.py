@@ -117,7 +117,11 @@ def test_nearest_distance_is_exact():
     bank, queries = torch.randn(700, 24, generator=gen), torch.randn(1500, 24, generator=gen)
     expected = torch.cdist(queries.double(), bank.double()).min(1).values.float()
     assert torch.allclose(nearest_distance(bank, queries), expected, atol=1e-4)
-    assert nearest_distance(bank, bank[:5]).abs().max() < 1e-2  # a bank row is at distance 0
+    assert (nearest_distance(bank, bank[:5]) == 0).all()  # a bank row is at distance 0
+    offset = torch.randn(5, 24, generator=gen)
+    near = bank[:5] + 1e-2 * offset / offset.norm(dim=1, keepdim=True)
+    # measured directly, not as |q|^2 - (2 q.b - |b|^2), whose rounding would swamp so small a distance
+    assert torch.allclose(nearest_distance(bank, near), torch.full((5,), 1e-2), rtol=1e-3)
 
 
 def test_coreset_is_greedy_k_center_and_keeps_the_farthest_point():

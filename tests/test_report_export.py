@@ -199,6 +199,8 @@ def test_onnx_detector_checks_its_files_and_inputs(detector_dir, tmp_path):
         det.decision_function(np.zeros((2, 3, 28, 28), dtype=np.uint8))
     with pytest.raises(ValueError, match="expected uint8 images"):
         det.decision_function(np.zeros((2, 3, 32, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="only patch detectors have anomaly maps"):
+        det.anomaly_maps(np.zeros((2, 3, 32, 32), dtype=np.uint8))
     bank = np.load(out / BANK_NPY, allow_pickle=False)
     np.save(out / BANK_NPY, bank + 1, allow_pickle=False)
     with pytest.raises(ValueError, match="corrupted"):

@@ -52,7 +52,7 @@ from torch import Tensor
 from .evaluation import auroc
 from .features import model_device
 from .models import Encoder
-from .scoring import knn_similarity
+from .scoring import knn_search
 from .serialization import atomic_write
 
 __all__ = ["PatchBank", "PatchGrid", "patch_features", "greedy_coreset", "nearest_distance", "gaussian_blur", "image_scores", "pixel_auroc",
@@ -75,7 +75,7 @@ def _sample(m: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     gy = rows.float() * (2 / max(h - 1, 1)) - 1
     gx = cols.float() * (2 / max(w - 1, 1)) - 1
     yy, xx = torch.meshgrid(gy.to(m.device), gx.to(m.device), indexing="ij")
-    grid = torch.stack([xx, yy], dim=-1).expand(len(m), -1, -1, -1)
+    grid = torch.stack([xx, yy], dim=-1).expand(m.shape[0], -1, -1, -1)  # not len(m): ONNX export keeps shape[0] dynamic
     return F.grid_sample(m, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
@@ -188,14 +188,16 @@ def image_scores(maps: Tensor) -> Tensor:
 
 
 def nearest_distance(bank: Tensor, queries: Tensor) -> Tensor:
-    """Euclidean distance of each query ``(Q, D)`` to its nearest bank row ``(M, D)``, exact,
-    through :func:`~firm.scoring.knn_similarity` (in tiles, so memory stays bounded):
-    ``|q - b|^2 = |q|^2 - max_b (2 q.b - |b|^2)``, an inner product of ``[q, 1]`` with
-    ``[2 b, -|b|^2]``."""
+    """Euclidean distance of each query ``(Q, D)`` to its nearest bank row ``(M, D)``, exact.
+    The row is found through :func:`~firm.scoring.knn_search` (in tiles, so memory stays
+    bounded): it minimises ``|q - b|^2 = |q|^2 - (2 q.b - |b|^2)``, an inner product of
+    ``[q, 1]`` with ``[2 b, -|b|^2]``. The distance to it is then measured directly: that
+    difference of squares loses all precision for a query close to its row (a patch of a
+    training image), whose distance would come out as the square root of a rounding error."""
     bank, queries = bank.float(), queries.float()
     keys = torch.cat([2 * bank, -(bank * bank).sum(1, keepdim=True)], dim=1)
-    best = knn_similarity(keys, torch.cat([queries, queries.new_ones(len(queries), 1)], dim=1), 1)[:, 0]
-    return ((queries * queries).sum(1) - best).clamp_(min=0).sqrt_()
+    nearest = knn_search(keys, torch.cat([queries, queries.new_ones(len(queries), 1)], dim=1), 1)[1][:, 0]
+    return (queries - bank[nearest]).norm(dim=1)
 
 
 @dataclass

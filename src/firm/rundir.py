@@ -15,7 +15,7 @@ A run or model folder (``firm train --out``, ``firm fit --out``):
 ``results.json``       ``firm evaluate``'s records (scorer, ensemble, AUROC)
 ``scores.csv``         per-image scores of ``firm evaluate``
 ``report/``            ``firm report``'s HTML page and PNGs
-``onnx/``              ``firm export``'s ONNX encoder and bank
+``onnx/``              ``firm export``'s ONNX graph (encoder and bank, or the patch scorer)
 ``maps/``              ``firm score --maps``'s heat-map overlays
 =====================  ==============================================================
 
