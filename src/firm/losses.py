@@ -1,10 +1,12 @@
 """Contrastive losses: FIRM and the baselines it is compared with.
 
-All four losses are the same softmax cross-entropy over cosine similarities; they differ only
+All the losses are the same softmax cross-entropy over cosine similarities; they differ only
 in which pairs count as positives. Positives are expressed as *groups*: two rows are positives
 of each other when they share a group id. FIRM puts all inliers of one ID class in one group and
 gives every outlier a group of its own (shared only with its second view); NT-Xent gives every
-sample its own group; SupCon uses the labels as groups.
+sample its own group; SupCon uses the labels as groups. MSC, the baseline for fine-tuning
+pretrained features, is NT-Xent's rule on embeddings shifted by the normal images' mean; the
+``frozen`` entry trains nothing, so that unadapted features run through the same harness.
 
 Groups let the positive term be computed from per-group sums of embeddings,
 ``sum_{p in P(i)} z_i . z_p = z_i . (sum_{j in g(i)} z_j) - z_i . z_i``, so no N x N float mask
@@ -32,6 +34,8 @@ __all__ = [
     "FIRMLoss",
     "NTXentLoss",
     "SupConLoss",
+    "MSCLoss",
+    "LossEntry",
     "LOSSES",
     "LOSS_MODES",
     "AUTHORS_MODE",
@@ -359,14 +363,77 @@ def _rotsupcon_labels(class_labels: Tensor, variant: Tensor) -> Tensor:
     return torch.where(variant == 0, class_labels, -variant.long())
 
 
+class MSCLoss(NTXentLoss):
+    """Mean-shifted contrastive loss (Reiss & Hoshen, AAAI 2023), with its angular centre term.
+
+    The embeddings (the normalised backbone features of a pretrained network, no projection
+    head) are shifted by ``center``, the normalised mean embedding of the normal training images
+    before fine-tuning (:meth:`set_center`), renormalised, and compared as NT-Xent compares views;
+    ``angular`` adds the mean squared distance of both views to the centre, which pulls the
+    normal images towards it. Only normal images are trained on (:attr:`LossEntry.outliers` is off).
+    """
+
+    def __init__(self, tau: float = 0.25, mode: str = "concat", angular: bool = True,
+                 gather_distributed: bool = True):
+        super().__init__(tau, mode, gather_distributed)
+        self.angular = angular
+        self.register_buffer("center", torch.zeros(0))
+
+    @torch.no_grad()
+    def set_center(self, model: nn.Module, images: Tensor, batch_size: int = 256) -> None:
+        """The normalised mean embedding of uint8 ``images`` under ``model`` in eval mode (its
+        mode is restored), the centre every later embedding is shifted by."""
+        was_training = model.training
+        model.eval()
+        try:
+            total = None
+            for start in range(0, len(images), batch_size):
+                z = model(images[start:start + batch_size].float().div_(255)).float().sum(0)
+                total = z if total is None else total + z
+        finally:
+            model.train(was_training)
+        self.center = torch.nn.functional.normalize(total / len(images), dim=0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "center" in state_dict:  # the centre's size is known only once it has been set
+            self.center = torch.empty_like(state_dict[prefix + "center"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, z1: Tensor, z2: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.center.numel() != z1.shape[1]:
+            raise ValueError("the mean-shifted loss needs its centre first: call set_center(model, normal_images)")
+        s1, s2 = z1 - self.center, z2 - self.center
+        loss = super().forward(torch.nn.functional.normalize(s1, dim=1), torch.nn.functional.normalize(s2, dim=1),
+                               labels)
+        if self.angular:
+            loss = loss + s1.pow(2).sum(1).mean() + s2.pow(2).sum(1).mean()
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, angular={self.angular}"
+
+
+def _set_msc_center(loss: ContrastiveLoss, model: nn.Module, images: Tensor) -> None:
+    loss.set_center(model, images)
+
+
 @dataclass(frozen=True)
 class LossEntry:
-    """A registered loss: its module, how a batch's labels are made, and the layout the authors ran it in."""
+    """A registered method of adapting the encoder: its loss module (None: no training at all,
+    the features are scored as built), how a batch's labels are made, the layout the authors ran
+    it in, whether its batches hold outliers (``outliers``; off: normal images only), and what
+    must be set up from the model and the normal images before the first step (``prepare``)."""
 
-    factory: Callable[[float, str], ContrastiveLoss]
+    factory: Callable[[float, str], ContrastiveLoss] | None
     labels: Callable[[Tensor, Tensor], Tensor]
     authors_mode: str
     description: str
+    outliers: bool = True
+    prepare: Callable[[ContrastiveLoss, nn.Module, Tensor], None] | None = None
+
+    @property
+    def trains(self) -> bool:
+        return self.factory is not None
 
 
 LOSSES: Registry[LossEntry] = Registry("loss", {
@@ -378,6 +445,12 @@ LOSSES: Registry[LossEntry] = Registry("loss", {
                         "SupCon: inliers by class, all outliers one class"),
     "rotsupcon": LossEntry(lambda tau, mode: SupConLoss(tau=tau, mode=mode), _rotsupcon_labels, "concat",
                            "Rot-SupCon: inliers by class, outliers one class per transform"),
+    "msc": LossEntry(lambda tau, mode: MSCLoss(tau=tau, mode=mode), _firm_labels, "concat",
+                     "MSC (mean-shifted contrastive, Reiss & Hoshen 2023): NT-Xent on embeddings shifted by the "
+                     "normal images' mean, plus the angular centre loss; normal images only", outliers=False,
+                     prepare=_set_msc_center),
+    "frozen": LossEntry(None, _firm_labels, "concat",
+                        "no training: the (pretrained) backbone's features as built, the DN2 baseline"),
 })
 
 
@@ -390,7 +463,10 @@ def resolve_mode(name: str, mode: str) -> str:
 
 def build_loss(name: str, tau: float = 0.2, mode: str = "concat") -> ContrastiveLoss:
     """The loss registered as ``name`` (see :data:`LOSSES`) in layout ``mode``."""
-    return LOSSES.get(name).factory(tau, resolve_mode(name, mode))
+    entry = LOSSES.get(name)
+    if not entry.trains:
+        raise ValueError(f"{name!r} trains nothing, so it has no loss: its runs score the features as built")
+    return entry.factory(tau, resolve_mode(name, mode))
 
 
 def batch_labels(name: str, class_labels: Tensor, variant: Tensor) -> Tensor:

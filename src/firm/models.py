@@ -246,7 +246,7 @@ def resolve_stem(config: ModelConfig) -> str:
     STEMS.check(config.stem)
     if config.stem != AUTO_STEM:
         return config.stem
-    return "cifar" if config.image_size <= AUTO_STEM_MAX_SIZE else "imagenet"
+    return "cifar" if (config.input_size or config.image_size) <= AUTO_STEM_MAX_SIZE else "imagenet"
 
 
 def input_stats(config: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -347,31 +347,43 @@ class Encoder(nn.Module):
         c = self.config
         check_ranges(c)
         self.backbone = build_backbone(c)
-        self.head = ProjectionHead(self.backbone.out_dim, c.head_hidden, c.head_layers, c.head_out,
-                                   bn_momentum=c.bn_momentum)
+        self.head = (ProjectionHead(self.backbone.out_dim, c.head_hidden, c.head_layers, c.head_out,
+                                    bn_momentum=c.bn_momentum) if c.head_out else nn.Identity())
         INITS.get(c.init)(self)
         if c.weights:
             BACKBONES.get(c.backbone).load_weights(self.backbone, c.weights)
         freeze_stages(self, c.frozen_stages)
+        freeze_bn_stats(self, c.freeze_bn)
 
     @property
     def feature_dim(self) -> int:
         return self.backbone.out_dim
 
+    def upsample(self, x: Tensor) -> Tensor:
+        """Images resized so that their shorter side is ``config.input_size`` (bilinear; unchanged
+        when it is 0 or already met). Every path into the backbone goes through it, so training
+        views, the bank and the queries all reach the network at one scale."""
+        size = self.config.input_size
+        h, w = x.shape[-2:]
+        if not size or min(h, w) == size:
+            return x
+        scale = size / min(h, w)
+        return F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
+
     def features(self, x: Tensor) -> Tensor:
         """Backbone features ``(B, feature_dim)`` (not normalised) of images in [0, 1]."""
-        return self.backbone(x)
+        return self.backbone(self.upsample(x))
 
     def feature_maps(self, x: Tensor, stages: Sequence[int] = (2, 3)) -> list[Tensor]:
         """Spatial outputs of the 1-indexed backbone ``stages`` of images in [0, 1], in the order given."""
-        return self.backbone.feature_maps(x, stages)
+        return self.backbone.feature_maps(self.upsample(x), stages)
 
     def map_dims(self, stages: Sequence[int] = (2, 3)) -> list[int]:
         """Channel counts of :meth:`feature_maps` for ``stages``."""
         return self.backbone.map_dims(stages)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.head(self.backbone(x))
+        z = self.head(self.features(x))
         if z.dtype in (torch.float16, torch.bfloat16):
             z = z.float()  # normalise and compare in float32 under autocast
         return F.normalize(z, dim=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,16 @@ from .data import (ALL_CLASSES, DATASETS, SPLITS, ImageSet, canonical_dataset, l
                    one_class_split, subsample, validation_split)
 from .evaluation import evaluate_scorers
 from .features import TTA_MODES
-from .losses import resolve_mode
+from .losses import LOSSES, resolve_mode
 from .models import BACKBONES, INITS, STEMS, Encoder
 from .scoring import SCORERS, scorer_names
 from .shift_choice import choose_shifts
-from .shifts import AUTO, SHIFTS
+from .shifts import AUTO, SHIFTS, build_shifts
 from .training import Trainer, TrainFiles, machine_info
 
 __all__ = ["validate", "EvalSet", "RunData", "DataCache", "prepare_data", "train_encoder", "TrainedEncoder",
-           "run", "RunOutcome", "final_scorers"]
+           "run", "RunOutcome", "final_scorers", "feature_check",
+           "shifted_copies"]
 
 EvalSet = tuple[str, ImageSet, Tensor]  # (name, images, is_anomaly)
 
@@ -83,6 +85,9 @@ class RunData:
     class_labels: Tensor
     eval_sets: list[EvalSet]
     auxiliary: Tensor | None = None
+    check: EvalSet | None = None
+    """held-out normal images of the training data and anomalies, never trained on: where
+    fine-tuned features are compared with the pretrained ones (:func:`feature_check`)"""
 
 
 class DataCache:
@@ -120,18 +125,24 @@ def prepare_data(settings: Settings, cache: DataCache | None = None) -> RunData:
         class_labels = normal.labels
     else:
         c = int(d.normal_class)
-        if d.split == "validation":
+        # Runs from pretrained weights always keep the validation share of the normal class out of
+        # training, so that fine-tuned and pretrained features can be compared on it (and the
+        # frozen baseline's bank is the same images as the fine-tuned runs').
+        if d.split == "validation" or m.weights:
             normal, val, y = validation_split(train, c, holdout=0.1, anomalies=1500, seed=seed)
-            eval_sets = [("validation", val, y)]
+            check = ("validation", val, y)
+        if d.split == "validation":
+            eval_sets = [check]
         else:
-            normal, test, y = one_class_split(train, test, c)
+            full, test, y = one_class_split(train, test, c)
+            normal = normal if m.weights else full
             eval_sets = [("test", test, y)]
         normal = subsample(normal, d.train_images, seed)
         class_labels = torch.zeros(len(normal), dtype=torch.long)
     auxiliary = None
     if d.outlier_dir:
         auxiliary = load_image_folder(d.outlier_dir, m.image_size, m.in_channels, name="outlier images").images
-    return RunData(normal, class_labels, eval_sets, auxiliary)
+    return RunData(normal, class_labels, eval_sets, auxiliary, check if m.weights else None)
 
 
 @dataclass
@@ -157,6 +168,12 @@ def train_encoder(settings: Settings, images: Tensor, class_labels: Tensor | Non
     """
     train = settings.train
     notes = []
+    if not LOSSES.get(train.loss).trains:
+        torch.manual_seed(train.seed)
+        notes.append(f"loss {train.loss}: no training, the {settings.model.backbone} features as built"
+                     + (f" from weights {settings.model.weights}" if settings.model.weights else ""))
+        log(notes[-1])
+        return TrainedEncoder(Encoder(settings.model).eval(), train, [], notes)
     if train.shifts == [AUTO]:
         shifts, reason = choose_shifts(images, seed=train.seed)
         train = dataclasses.replace(train, shifts=shifts)
@@ -168,6 +185,39 @@ def train_encoder(settings: Settings, images: Tensor, class_labels: Tensor | Non
                       progress=progress)
     trainer.train(resume=resume)
     return TrainedEncoder(trainer.model, train, trainer.history, notes, trainer.seconds_before_resume)
+
+
+def feature_check(settings: Settings, tuned: Encoder, bank: Tensor, images: Tensor, is_anomaly: Tensor,
+                  log: Callable[[str], None] = print, tuned_auroc: float | None = None) -> dict:
+    """cos1 AUROC of the pretrained features (a fresh encoder from ``settings.model``'s weights)
+    and of the fine-tuned encoder ``tuned`` (or ``tuned_auroc``, when already measured) on
+    held-out ``images`` against the normal ``bank`` images; ``{"scorer", "frozen", "fine_tuned",
+    "note"}``. A fine-tuned AUROC below the frozen one is warned about: fine-tuning then damaged
+    what the pretrained features knew."""
+    frozen = Encoder(settings.model).to(next(tuned.parameters()).device)
+    out = {"scorer": "cos1", "fine_tuned": tuned_auroc}
+    for name, model in (("frozen", frozen), ("fine_tuned", tuned)):
+        if out.get(name) is None:
+            records, _ = evaluate_scorers(model, bank, images, is_anomaly, ["cos1"], "none", config=settings.eval)
+            out[name] = records[0]["auroc"]
+    worse = out["fine_tuned"] < out["frozen"]
+    out["note"] = (f"held-out check: cos1 AUROC {out['fine_tuned']:.4f} fine-tuned vs {out['frozen']:.4f} with the "
+                   f"pretrained features ({len(images)} images)"
+                   + ("; fine-tuning made the features worse" if worse else ""))
+    if worse:
+        warnings.warn(out["note"], stacklevel=2)
+    log(out["note"])
+    return out
+
+
+def shifted_copies(images: Tensor, shifts: list[str], seed: int = 0) -> Tensor:
+    """uint8 ``images``, each shifted by a random variant of ``shifts``: synthetic anomalies for
+    the held-out check of image folders, which hold no real ones."""
+    shift_set = build_shifts(shifts)
+    gen = torch.Generator().manual_seed(seed)
+    variant = torch.randint(1, shift_set.num_variants + 1, (len(images),), generator=gen)
+    out = shift_set(images.float().div(255), variant, gen)
+    return out.mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
 @dataclass
@@ -221,7 +271,15 @@ def run(settings: Settings, cache: DataCache | None = None, files: TrainFiles | 
             recs, _ = evaluate_scorers(trained.encoder, data.normal.images, images.images, y, final_scorers(e),
                                        list(e.final_tta), progress=progress, config=e)
             records += [{**base, "eval_set": name, "epoch": t.epochs, "final": True, **r} for r in recs]
+    check = None
+    if data.check is not None and LOSSES.get(t.loss).trains:
+        name, images, y = data.check
+        known = next((r["auroc"] for r in records if r["final"] and (r["eval_set"], r["scorer"], r["tta"])
+                      == (name, "cos1", "none")), None)
+        check = {"eval_set": name, **feature_check(settings, trained.encoder, data.normal.images, images.images, y,
+                                                   log, known)}
     meta = {**base, "train_images": len(data.normal), "train_seconds": train_seconds,
-            "total_seconds": time.perf_counter() - start, "shifts": trained.train.shifts, "notes": trained.notes,
+            "total_seconds": time.perf_counter() - start, "shifts": trained.train.shifts,
+            "notes": trained.notes + ([check["note"]] if check else []), "feature_check": check,
             "machine": machine_info(next(trained.encoder.parameters()).device)}
     return RunOutcome(trained, data, records, meta)

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, check_ranges
-from .losses import batch_labels, build_loss
+from .config import ModelConfig, TrainConfig, check_ranges
+from .losses import LOSSES, batch_labels, build_loss
 from .models import Encoder
 from .serialization import ModelFileError, atomic_write, load_tensors, save_tensors, to_cpu_state
 from .shifts import AUTO, build_shifts
@@ -202,11 +202,18 @@ class Trainer:
             raise ValueError(f"{len(self.class_labels)} class labels for {len(images)} images")
         if bool((self.class_labels < 0).any()):
             raise ValueError("ID class labels must be >= 0 (negative labels are reserved for outliers)")
+        self.entry = LOSSES.get(config.loss)
+        if not self.entry.trains:
+            raise ValueError(f"loss {config.loss!r} trains nothing: build the encoder and score it as it is")
+        if auxiliary is not None and not self.entry.outliers:
+            raise ValueError(f"loss {config.loss!r} trains on normal images only: it takes no outlier images")
         self.auxiliary = auxiliary.to(self.device) if auxiliary is not None else None
         self.shifts = build_shifts(config.shifts)
         # With Outlier Exposure the plan keeps the authors' slot layout (one slot per shift
         # variant); every such slot is filled with an auxiliary image instead.
-        self.plan = BatchPlan(len(images), config.batch_size, self.shifts.num_variants, config.id_share,
+        # A loss without outliers gets batches of normal images only, whatever the shifts setting.
+        self.plan = BatchPlan(len(images), config.batch_size, self.shifts.num_variants if self.entry.outliers else 0,
+                              None if not self.entry.outliers else config.id_share,
                               outlier_sources=len(auxiliary) if auxiliary is not None else None, seed=config.seed)
         self.views = ViewAugment(ViewConfig(size=images.shape[-1], crop_scale=tuple(config.crop_scale),
                                             jitter=tuple(config.jitter), blur_p=config.blur_p))
@@ -253,7 +260,8 @@ class Trainer:
         """Two stacked views ``(2B, C, H, W)`` and the loss labels ``(B,)`` of one batch slice."""
         if self.auxiliary is None:
             x = self.images[index].float().div_(255)
-            x = self.shifts(x, variant, self.generator)
+            if self.entry.outliers:
+                x = self.shifts(x, variant, self.generator)
         else:
             inlier = (variant == 0).view(-1, 1, 1, 1)
             x = torch.where(inlier, self.images[index.clamp(max=len(self.images) - 1)],
@@ -298,6 +306,8 @@ class Trainer:
         if resume:
             self.load_checkpoint()
         else:
+            if self.entry.prepare is not None:
+                self.entry.prepare(self.loss_fn, self.model, self.images)
             if self.rank == 0 and self.files is not None:
                 atomic_write(self.files.log, "")
             if self.config.eval_every and self.evaluate is not None and self.rank == 0:
@@ -367,6 +377,7 @@ class Trainer:
         """Copies of the weights, optimizer, scheduler and epoch as they are now, unaffected by
         later steps."""
         tensors = {f"model.{k}": v for k, v in to_cpu_state(self.model).items()}
+        tensors.update({f"loss.{k}": v.detach().cpu().clone() for k, v in self.loss_fn.state_dict().items()})
         optim = self.optimizer.state_dict()
         for index, state in optim["state"].items():
             tensors.update({f"optim.{index}.{name}": v.detach().cpu().clone() for name, v in state.items()
@@ -394,12 +405,14 @@ class Trainer:
         if self.files is None:
             raise ValueError("resume needs the run folder that holds the checkpoint")
         tensors, meta = load_tensors(self.files.checkpoint, "checkpoint")
-        if meta.get("model") != self.model.config.to_dict():
+        if ModelConfig.from_dict(meta.get("model") or {}).to_dict() != self.model.config.to_dict():
             raise ModelFileError(f"checkpoint {self.files.checkpoint} is for another model ({meta.get('model')}); "
                                  "resume with the same settings or start a new run folder")
         state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(state)
+            self.loss_fn.load_state_dict({k[len("loss."):]: v.to(self.device) for k, v in tensors.items()
+                                          if k.startswith("loss.")})
         except RuntimeError as e:
             raise ModelFileError(f"checkpoint weights in {self.files.checkpoint} do not match the model: {e}") from e
         # The optimizer's param groups carry the lr and momentum the scheduler last set.
