@@ -83,6 +83,8 @@ def test_patch_export_reproduces_scores_maps_and_predictions(wide, tmp_path):
     raw_scores, raw_maps = onnx_det.raw_scores_and_maps(x)
     assert np.max(np.abs(raw_scores - det.raw_scores(x))) <= TOL
     assert np.max(np.abs(raw_maps - det.patches_.score(torch.from_numpy(x))[0].numpy())) <= TOL
+    in_fours = onnx_det.raw_scores_and_maps(x, batch_size=4)  # the batch is dynamic: 4 + 2 images
+    assert np.allclose(in_fours[0], raw_scores, atol=1e-6) and np.allclose(in_fours[1], raw_maps, atol=1e-6)
 
 
 def test_patch_deploy_file_documents_inputs_outputs_and_scales(wide, tmp_path):
@@ -94,7 +96,8 @@ def test_patch_deploy_file_documents_inputs_outputs_and_scales(wide, tmp_path):
     assert set(config["outputs"]) == {"scores", "maps"}
     assert config["score_scale"] == list(det.score_scale_) and config["map_scale"] == list(det.map_scale_)
     assert config["threshold"] == det.threshold_ == 1.0
-    assert config["bank_size"] == len(det.patches_.bank_) and set(config["files"]) == {PATCH_FILE}
+    assert config["bank_size"] == len(det.patches_.bank_) and config["patch_grid"] == list(det.patches_.grid_)
+    assert set(config["files"]) == {PATCH_FILE}
     assert "score_scale" in config["score"] and "map_scale" in config["score"]
 
 
@@ -115,7 +118,7 @@ def test_patch_export_raises_when_the_maps_differ(wide, tmp_path, monkeypatch):
     _, _, model = wide
     honest = OnnxDetector.raw_scores_and_maps
 
-    def shifted(self, images, batch_size=8):
+    def shifted(self, images, batch_size=None):
         scores, maps = honest(self, images, batch_size)
         return scores, maps + 1e-3
 

@@ -38,6 +38,9 @@ EXPORT_FILES = (ENCODER_FILE, BANK_NPY, PATCH_FILE, DEPLOY_FILE)
 DEPLOY_FORMAT = "firm-onnx"
 POOLED, PATCH = "pooled", "patch"  # the detector scores the export reproduces (FIRMDetector.score_)
 _FORMAT_VERSIONS = {POOLED: 1, PATCH: 2}  # a patch export is refused by readers that know only pooled ones
+PATCH_BATCH_BYTES = 256 * 2 ** 20
+"""Memory for the float32 distances of a batch's patches to the bank, which sets :class:`OnnxDetector`'s
+default batch on a patch export (the graph holds a few such matrices at once)."""
 _SCORER = re.compile(r"^cos(\d+)(_norm)?$")
 _TTA_TURNS = {"none": 1, "angled": 4}  # "ensemble" uses random crops: not reproducible outside torch
 
@@ -133,12 +136,16 @@ class OnnxDetector:
         x = np.rot90(self._inputs(images), quarter_turns, axes=(2, 3))
         return self._run(x, batch_size)[0] if len(x) else np.zeros((0, self.bank.shape[-1]), np.float32)
 
-    def raw_scores_and_maps(self, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    def raw_scores_and_maps(self, images: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw image scores ``(N,)`` and raw anomaly maps ``(N, H, W)`` of a patch export, before the
-        detector's scales (the graph's two outputs)."""
+        detector's scales (the graph's two outputs). ``batch_size`` defaults to as many images as keep
+        the graph's patch-to-bank distance matrix within :data:`PATCH_BATCH_BYTES`."""
         if self.kind != PATCH:
             raise ValueError("this export scores pooled features; only patch detectors have anomaly maps (refit "
                              "with --score patch, or use the PyTorch detector's maps)")
+        if batch_size is None:
+            per_image = 4 * int(np.prod(self.config["patch_grid"])) * int(self.config["bank_size"])
+            batch_size = int(np.clip(PATCH_BATCH_BYTES // per_image, 1, 64))
         x = self._inputs(images)
         if not len(x):
             return np.zeros(0, np.float32), np.zeros((0, *self.input_shape), np.float32)
@@ -221,21 +228,20 @@ def _patch_scorer(patches, shape: tuple[int, int]):
             self.encoder = patches.encoder
             bank = patches.bank_.float()
             self.register_buffer("bank", bank)
-            self.register_buffer("keys", 2 * bank)
             self.register_buffer("bank_sq", (bank * bank).sum(1))
             self.register_buffer("scales", patches._channel_scales().float())
             self.k = min(patches.neighbours, len(bank))
 
         def _distances(self, x):
             """Euclidean distances ``(B, M)`` of rows ``(B, D)`` to the bank, as ``torch.cdist`` computes them."""
-            return ((x * x).sum(1, keepdim=True) - (x @ self.keys.T - self.bank_sq)).clamp(min=0).sqrt()
+            return ((x * x).sum(1, keepdim=True) - ((2 * x) @ self.bank.T - self.bank_sq)).clamp(min=0).sqrt()
 
         def forward(self, images):
             feats, (oy, sy, ox, sx) = patch_features(self.encoder, images, patches.stages, patches.max_grid)
             h, w = feats.shape[-2:]
             q = feats.flatten(2).transpose(1, 2) / self.scales  # (N, h * w, D)
             # the nearest bank row maximises 2 q.b - |b|^2; the distance to it is measured directly, as nearest_distance does
-            nearest = (q @ self.keys.T - self.bank_sq).argmax(-1)
+            nearest = ((2 * q) @ self.bank.T - self.bank_sq).argmax(-1)
             dist = (q - self.bank[nearest]).norm(dim=-1)
             # PatchCore's re-weighting of the most distant patch, as PatchBank._reweighted
             worst = dist.argmax(1, keepdim=True)
@@ -337,6 +343,7 @@ def _export_patch(det, out: Path, check_images: int, tolerance: float) -> dict:
                  "threshold quantile); raw values when a scale is null; higher = more anomalous, and images whose "
                  "decision score exceeds threshold are anomalies",
         "bank_size": len(patches.bank_), "feature_dim": int(patches.bank_.shape[1]), "stages": list(patches.stages),
+        "patch_grid": list(patches.grid_),
         "neighbours": patches.neighbours, "sigma": patches.sigma, "files": {PATCH_FILE: _sha256(out / PATCH_FILE)}}
     write_json(out / DEPLOY_FILE, settings)
     images = _check_images(check_images, channels, shape)
