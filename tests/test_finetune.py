@@ -196,3 +196,14 @@ def test_msc_fine_tunes_the_packaged_efficientnet():
     assert all(torch.equal(a, b) for a, b in zip(frozen_before.parameters(), stages[1].parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(tuned_before.parameters(), stages[3].parameters()))
     assert len(trained.history) == 1 and trained.history[0]["loss"] == trained.history[0]["loss"]
+
+
+def test_report_lists_the_held_out_check_of_fine_tuned_runs():
+    from firm.bench_report import _check_section
+    runs = [{"run": "a-frozen", "feature_check": None},
+            {"run": "a-firm", "feature_check": {"frozen": 0.9, "fine_tuned": 0.8}},
+            {"run": "a-msc", "feature_check": {"frozen": 0.9, "fine_tuned": 0.95}}]
+    text = "\n".join(_check_section(runs))
+    assert "worse in 1 of 2 runs" in text
+    assert "| a-firm | 0.9000 | 0.8000 | -10.00 |" in text and "a-frozen" not in text
+    assert _check_section([{"run": "x"}]) == []

@@ -488,6 +488,22 @@ def _wall_time(runs: list[dict]) -> str:
             f"{min(minutes):.1f}-{max(minutes):.1f}{timed})")
 
 
+def _check_section(runs: list[dict]) -> list[str]:
+    """The held-out check of runs fine-tuned from pretrained weights: the cos1 AUROC of the
+    pretrained and of the fine-tuned features on the normal class's validation share."""
+    checked = [r for r in runs if r.get("feature_check")]
+    if not checked:
+        return []
+    rows = [[r["run"], f"{r['feature_check']['frozen']:.4f}", f"{r['feature_check']['fine_tuned']:.4f}",
+             _points(r["feature_check"]["fine_tuned"] - r["feature_check"]["frozen"])]
+            for r in sorted(checked, key=lambda r: r["run"])]
+    worse = sum(r["feature_check"]["fine_tuned"] < r["feature_check"]["frozen"] for r in checked)
+    return ["## Held-out check: fine-tuned vs pretrained features", "",
+            f"cos1 AUROC on the normal class's held-out validation share (never trained on) against images of "
+            f"the other training classes; fine-tuning made the features worse in {worse} of {len(checked)} runs.", "",
+            _table(["run", "pretrained", "fine-tuned", "change"], rows), ""]
+
+
 def write_report(out_dir: str | Path, command: str = "") -> Path:
     """Write ``results.json`` (``records``, ``comparisons``, ``robustness``, ``selection``,
     ``per_class``, ``ladder``), ``report.md``, ``curves.png``, ``curves_per_class.png`` and, with
@@ -531,6 +547,7 @@ def write_report(out_dir: str | Path, command: str = "") -> Path:
                 curves[k[:3] + (f"{k[3]} ({b} ep.)", k[4])] = v
     _plot_curves(curves, out / "curves.png", per_class=False)
     _plot_curves(curves, out / "curves_per_class.png", per_class=True)
+    md += _check_section(runs)
     md += ["Learning curves: `curves.png` (mean over classes) and `curves_per_class.png`.", ""]
     atomic_write(out / BENCH_REPORT, "\n".join(md))
     return out / BENCH_REPORT
