@@ -303,8 +303,10 @@ def _summary(config: dict, records: list[dict], threshold, scores, labels, auc, 
     plotted = [r for r in records if f"{r.get('scorer')}:{r.get('tta', 'none')}" == column]
     if auc is not None and not plotted:
         rows.append((f"AUROC {column} (from scores.csv, plotted)", f"{auc:.4f}"))
-    rows += [(f"AUROC {r['scorer']} / {r.get('tta', 'none')}" + (" (plotted)" if r in plotted else ""),
-              f"{r['auroc']:.4f}") for r in records if r.get("auroc") is not None]
+    def label(r: dict) -> str:
+        notes = (["the detector's own score"] if r.get("own") else []) + (["plotted"] if r in plotted else [])
+        return f"AUROC {r['scorer']} / {r.get('tta', 'none')}" + (f" ({', '.join(notes)})" if notes else "")
+    rows += [(label(r), f"{r['auroc']:.4f}") for r in records if r.get("auroc") is not None]
     return rows + [(f"{label} {r['scorer']}", f"{r[k]:.4f}") for r in records
                    for k, label in (("pixel_auroc", "pixel AUROC"), ("pro", "PRO")) if r.get(k) is not None]
 
