@@ -252,6 +252,38 @@ def detector_row(root: str, unit: str, seed: int, overrides: dict) -> dict:
             "threads": torch.get_num_threads(), **figures(scores, y, maps, masks)}
 
 
+def digits_row(digit: int, seed: int) -> dict:
+    """The small-image path: the detector at its defaults on scikit-learn's digits, one digit normal
+    (its training split), scored on the whole test split by ``decision_function``."""
+    from firm.data import load_digits
+    train, test = load_digits()
+    det = FIRMDetector(apply_overrides(preset("detector"), {"seed": seed}), progress=False)
+    start = time.perf_counter()
+    det.fit(train.images[train.labels == digit])
+    fit_s = time.perf_counter() - start
+    scores = det.decision_function(test.images)
+    return {"fit_seconds": fit_s, "method_used": det.method_, "score_used": det.score_,
+            "shape": list(det.input_shape), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "image_auroc": auroc(scores, (test.labels != digit).long().numpy())}
+
+
+def digits_rows(results: Results, seeds) -> None:
+    for digit in range(10):
+        for seed in seeds:
+            key = f"digits/detector_defaults/digit{digit}/s{seed}"
+            if key in results:
+                continue
+            out = subprocess.run([sys.executable, __file__, "--one-digit", json.dumps([digit, seed])],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"{key} failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            results.add({"key": key, "stage": "digits", "method": "detector_defaults", "unit": f"digit{digit}",
+                         "seed": seed, **row})
+            print(f"{key}: image AUROC {row['image_auroc']:.4f} ({row['method_used']}), fit {row['fit_seconds']:.0f} s",
+                  flush=True)
+
+
 def final_rows(results: Results, root: Path, units: list[str], seeds, method: str, overrides: dict) -> None:
     for unit in units:
         for seed in seeds:
@@ -308,6 +340,16 @@ def report(results: Results, units: list[str], stages: list[tuple[str, list[dict
                              f"{_fmt(_mean(rows, 'fit_seconds'), 1)} | {_fmt(_mean(rows, 'images_per_second'), 1)} | "
                              f"{_fmt(_mean(rows, 'peak_rss_mb'), 0)} |")
         lines.append("")
+    digits = sorted((r for r in results.rows.values() if r["stage"] == "digits"), key=lambda r: r["key"])
+    if digits:
+        values = [r["image_auroc"] for r in digits]
+        lines += ["## Small images: the detector's defaults on scikit-learn's digits (one digit normal)", "",
+                  f"Path taken: {', '.join(sorted({r['method_used'] for r in digits}))}; input "
+                  f"{digits[0]['shape'][0]} x {digits[0]['shape'][1]} px; score {digits[0]['score_used']}.", "",
+                  "| digit | seed | image AUROC | fit s |", "|---|---|---|---|"]
+        lines += [f"| {r['unit'].removeprefix('digit')} | {r['seed']} | {r['image_auroc']:.4f} | {r['fit_seconds']:.0f} |"
+                  for r in digits]
+        lines += ["", f"Mean over {len(values)} digits: {np.mean(values):.4f} (min {min(values):.4f}).", ""]
     return "\n".join(lines)
 
 
@@ -319,8 +361,13 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--firm", action="store_true", help="also fit FIRM from scratch (method firm) on every unit and seed")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--digits", action="store_true", help="only the small-image check: the detector on each digit")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--one-digit", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.one_digit:
+        print(json.dumps(digits_row(*json.loads(args.one_digit))))
+        return 0
     if args.one:
         root, unit, seed, overrides = json.loads(args.one)
         print(json.dumps(detector_row(root, unit, seed, overrides)))
@@ -329,6 +376,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = Results(out / "results.json")
     units, seeds = args.units.split(","), [int(s) for s in args.seeds.split(",")]
+    if args.digits:  # a folder of its own (--out), so that it can run beside the protocol
+        digits_rows(results, seeds[:1])
+        atomic_write(out / "report.md", report(results, [], []))
+        return 0
     config, stages = dict(BASE), []
     for name, values in STAGES:
         candidates = [{**config, name: v} for v in values]
