@@ -55,13 +55,18 @@ def test_ties_give_the_exact_values_and_valid_rows(small_tiles, backend, k):
     _assert_valid_top_k(bank, queries, k, *knn_search(bank, queries, k, backend=backend))
 
 
-def test_blocks_on_several_threads_match_and_leave_the_thread_count_as_it_was(small_tiles):
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_blocks_on_any_number_of_threads_match_and_leave_thread_counts_as_they_were(small_tiles, backend, threads):
+    from threadpoolctl import threadpool_info
     saved = torch.get_num_threads()
-    torch.set_num_threads(3)
+    torch.set_num_threads(threads)
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
     try:
         bank, queries = _integers(900, 6, 12), _integers(200, 6, 13)
-        _assert_valid_top_k(bank, queries, 5, *knn_search(bank, queries, 5, backend="torch"))
-        assert torch.get_num_threads() == 3
+        _assert_valid_top_k(bank, queries, 5, *knn_search(bank, queries, 5, backend=backend))
+        assert torch.get_num_threads() == threads
+        assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == blas
     finally:
         torch.set_num_threads(saved)
 

@@ -10,6 +10,7 @@ test-time ensemble (rotation r of the queries against the bank at rotation r).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -85,16 +86,19 @@ def _knn_block(bank: Tensor, queries: Tensor, k: int, width: int, matmul: Matmul
     return best_sims, best_index
 
 
-def _knn_tiled(bank: Tensor, queries: Tensor, k: int, matmul: Matmul = _torch_matmul) -> tuple[Tensor, Tensor]:
+def _knn_tiled(bank: Tensor, queries: Tensor, k: int, matmul: Matmul, blas: bool) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` in blocks of queries (:func:`_knn_block`), the reductions in torch and the
     matmuls by ``matmul``. On a CPU with several torch threads, each block runs whole on one
     thread and the threads take blocks in turn: torch's own threading would split every small
     reduction across threads, which then wait for each other at each one (slow on a busy
-    machine). For the duration of the call torch and the BLAS libraries are set to one thread
-    per block; their settings are restored afterwards."""
+    machine). For the duration of the call torch is set to one thread per block, and with
+    ``blas`` (``matmul`` calls a BLAS library torch does not manage) that library to as many
+    threads as torch would use; both settings are restored afterwards."""
     width = min(_TILE_BANK, -(-len(bank) // _GROUP) * _GROUP)
     threads = torch.get_num_threads() if queries.device.type == "cpu" else 1
     rows = max(1, min(_TILE // width, -(-len(queries) // threads)))
+    starts = range(0, len(queries), rows)
+    parallel = threads > 1 and len(starts) > 1
     sims = queries.new_empty(len(queries), k)
     index = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
 
@@ -102,29 +106,29 @@ def _knn_tiled(bank: Tensor, queries: Tensor, k: int, matmul: Matmul = _torch_ma
         sims[start:start + rows], index[start:start + rows] = _knn_block(bank, queries[start:start + rows], k, width,
                                                                          matmul)
 
-    starts = range(0, len(queries), rows)
-    if threads == 1 or len(starts) == 1:
-        for start in starts:
-            block(start)
-        return sims, index
-    from threadpoolctl import threadpool_limits
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(min(threads, len(starts))) as pool:
+    with contextlib.ExitStack() as stack:
+        if blas:
+            from threadpoolctl import threadpool_limits
+            stack.enter_context(threadpool_limits(1 if parallel else threads, user_api="blas"))
+        if not parallel:
+            for start in starts:
+                block(start)
+            return sims, index
+        torch.set_num_threads(1)
+        stack.callback(torch.set_num_threads, threads)
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
             list(pool.map(block, starts))
-    finally:
-        torch.set_num_threads(threads)
     return sims, index
 
 
 def _knn_torch(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` in tiles, the matmuls by torch's BLAS (any device)."""
-    return _knn_tiled(bank, queries, k, _torch_matmul)
+    return _knn_tiled(bank, queries, k, _torch_matmul, blas=False)
 
 
 def _knn_numpy(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` in tiles, the matmuls by numpy's BLAS (CPU, another library than torch's)."""
-    return _knn_tiled(bank, queries, k, _numpy_matmul)
+    return _knn_tiled(bank, queries, k, _numpy_matmul, blas=True)
 
 
 def _knn_faiss(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
