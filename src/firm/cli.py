@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for the runs and results.json")
     p.add_argument("--epochs", type=int, default=PRESETS["demo"].train.epochs, help="epochs per run")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
-                   help="runs trained at once, in worker processes that share the cores (default: the cores, at most 4)")
+                   help="runs trained at once, in worker processes that share the cores; the default is this "
+                   "machine's cores, at most 4")
 
     p = sub.add_parser("bench", formatter_class=fmt, help=_COMMAND_HELP["bench"],
                        description="Train every class x loss x seed (x budget) with identical settings, record learning "
