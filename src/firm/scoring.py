@@ -203,7 +203,7 @@ def knn_search(bank: Tensor, queries: Tensor, k: int, backend: str | None = None
     ``backend`` names one of :data:`KNN_BACKENDS`; by default :func:`knn_backend` picks."""
     k = min(k, len(bank))
     if k == 0 or len(queries) == 0:
-        return queries.new_empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.long)
+        return queries.new_empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
     search = KNN_BACKENDS.get(backend or knn_backend(bank, queries, k))
     return search(bank.contiguous(), queries.contiguous(), k)
 
