@@ -55,11 +55,12 @@ Matmul = Callable[[Tensor, Tensor, Tensor], None]
 
 def _knn_block(bank: Tensor, queries: Tensor, k: int, width: int, matmul: Matmul) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` of a block of queries against the bank, ``width`` bank rows at a time: per
-    tile, the matmul (``matmul(queries, bank_rows, out)``), then the maximum of each group of ``_GROUP`` consecutive bank rows, the ``k``
-    groups with the largest maxima, and the top ``k`` of those groups' similarities, merged with
-    the best so far. The ``k`` largest similarities of a row always lie in its ``k`` groups of
-    largest maxima (a group holding one of them has a maximum at least that large, and at most
-    ``k - 1`` other groups can beat it), so the result is exact, ties included."""
+    tile, the matmul (``matmul(queries, bank_rows, out)``), then the maximum of each group of
+    ``_GROUP`` consecutive bank rows, the ``k`` groups with the largest maxima, and the top ``k``
+    of those groups' similarities, merged with the best so far. The ``k`` largest similarities of
+    a row always lie in its ``k`` groups of largest maxima (a group holding one of them has a
+    maximum at least that large, and at most ``k - 1`` other groups can beat it), so the result
+    is exact, ties included."""
     n, n_bank = len(queries), len(bank)
     buffer = queries.new_empty(n * width)
     best_sims = best_index = None
