@@ -16,8 +16,8 @@
 # Usage, from the repository root:
 #   benchmarks/cpu_finetune.sh DATA_ROOT OUT [JOBS]          the full grid
 #   SMOKE=1 benchmarks/cpu_finetune.sh DATA_ROOT OUT [JOBS]  the pipeline check: classes 0, 1, seed 0,
-#     1 epoch on 256 images, scored on the validation split (2,000 images: at 64 px on a loaded
-#     2-core CPU the test split's 10,000 alone take minutes per run)
+#     1 epoch on 256 images at input size 64, scored on the validation split (2,000 images: on a
+#     loaded 2-core CPU the test split's 10,000 alone take minutes per run)
 # Report (any time, from whatever has finished):
 #   firm bench --preset finetune --dataset cifar10 --out OUT --report-only
 set -euo pipefail
@@ -27,7 +27,8 @@ jobs=${3:-1}
 losses=frozen,firm,msc,ntxent
 bench() { firm bench --preset finetune --dataset cifar10 --data-root "$data" --losses "$losses" --jobs "$jobs" --quiet "$@"; }
 if [ "${SMOKE:-0}" = 1 ]; then
-  bench --classes 0,1 --seeds 0 --epochs 1 --train-images 256 --split validation --out "$out"
+  bench --classes 0,1 --seeds 0 --epochs 1 --train-images 256 --input-size 64 --split validation \
+    --out "$out"
 else
   for seed in 0 1 2; do
     bench --seeds "$seed" --out "$out"

@@ -381,10 +381,11 @@ _PRESET_CHANGES: dict[str, dict[str, dict]] = {
 # every loss (docs/results/cifar10-finetune): MSC's published settings (Reiss & Hoshen 2023: no
 # projection head, stem and first two stages frozen, BatchNorm statistics frozen, lr 1e-5, weight
 # decay 5e-5, batch 64, tau 0.25, its crops, jitter and blur) on EfficientNet-Lite0 instead of
-# their ResNet-152, images upsampled to input_size inside the network, trained a few epochs on a
+# their ResNet-152, images upsampled to input_size inside the network (96 px, chosen on the
+# validation split for cost and accuracy, docs/results/cifar10-finetune), trained a few epochs on a
 # CPU. ``msc`` is MSC itself at its published 20 epochs.
 _FINETUNE = dict(model=dict(backbone="efficientnet_lite0", weights="imagenet", init="pytorch", head_layers=0, head_out=0,
-                            input_size=64, frozen_stages=2, freeze_bn=True),
+                            input_size=96, frozen_stages=2, freeze_bn=True),
                  train=dict(epochs=3, batch_size=64, lr=1e-5, warmup=0.3, weight_decay=5e-5, tau=0.25,
                             loss_mode="concat", eval_every=0, checkpoint_every=1, crop_scale=(0.2, 1.0),
                             jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5),
