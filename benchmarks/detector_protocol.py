@@ -180,25 +180,26 @@ def unit_means(results: Results, config: dict, units: list[str], metric: str) ->
     out = {}
     for unit in units:
         values = [r[metric] for r in results.rows.values() if r["stage"] == "select" and r["unit"] == unit
-                  and r["config"] == config and r.get(metric) is not None]
+                  and config_key(r["config"]) == config_key(config) and r.get(metric) is not None]
         if values:
             out[unit] = float(np.mean(values))
     return out
 
 
-def choose(results: Results, units: list[str], candidates: list[dict]) -> tuple[dict, list[dict]]:
-    """The stage's winner by the protocol's rule, and a table row per candidate."""
+def choose(results: Results, units: list[str], candidates: list[dict]) -> tuple[dict | None, list[dict]]:
+    """The stage's winner by the protocol's rule (None while a candidate lacks a unit), and a table
+    row per candidate."""
     table = []
     for c in candidates:
         image = unit_means(results, c, units, "image_auroc")
         pixel = unit_means(results, c, units, "pixel_auroc")
         fit = unit_means(results, c, units, "fit_seconds")
-        table.append({"config": c, "units": len(image), "image_auroc": float(np.mean(list(image.values()))),
+        table.append({"config": c, "units": len(image), "image_auroc": float(np.mean(list(image.values()))) if image else None,
                       "per_unit": image, "pixel_auroc": float(np.mean(list(pixel.values()))) if pixel else None,
-                      "fit_seconds": float(np.mean(list(fit.values())))})
+                      "fit_seconds": float(np.mean(list(fit.values()))) if fit else None})
     complete = [t for t in table if t["units"] == len(units)]
-    if not complete:
-        raise RuntimeError("no candidate of this stage has a row on every unit")
+    if len(complete) < len(table):
+        return None, table  # undecided until every candidate has a row on every unit
     best = max(t["image_auroc"] for t in complete)
     near = [t for t in complete if t["image_auroc"] >= best - TOLERANCE]
     winner = min(near, key=lambda t: (t["fit_seconds"], -t["image_auroc"], -(t["pixel_auroc"] or 0)))
@@ -316,13 +317,14 @@ def report(results: Results, units: list[str], stages: list[tuple[str, list[dict
              "Built by `python benchmarks/detector_protocol.py` from `results.json` (the protocol: "
              "[PROTOCOL.md](PROTOCOL.md)). Development units: " + ", ".join(units) + ".", ""]
     for name, _, winner, table in stages:
-        lines += [f"## Stage: {name}", "", "| candidate | units | mean image AUROC | per unit | mean pixel AUROC | "
+        status = "" if winner is not None else " (in progress: undecided until every candidate has every unit)"
+        lines += [f"## Stage: {name}{status}", "", "| candidate | units | mean image AUROC | per unit | mean pixel AUROC | "
                   "mean fit s |", "|---|---|---|---|---|---|"]
         for t in table:
-            mark = " **(chosen)**" if t["config"] == winner else ""
+            mark = " **(chosen)**" if winner is not None and config_key(t["config"]) == config_key(winner) else ""
             per = ", ".join(f"{u} {v:.3f}" for u, v in t["per_unit"].items())
-            lines.append(f"| {config_key(t['config'])}{mark} | {t['units']} | {t['image_auroc']:.4f} | {per} | "
-                         f"{_fmt(t['pixel_auroc'], 4)} | {t['fit_seconds']:.1f} |")
+            lines.append(f"| {config_key(t['config'])}{mark} | {t['units']} | {_fmt(t['image_auroc'], 4)} | {per} | "
+                         f"{_fmt(t['pixel_auroc'], 4)} | {_fmt(t['fit_seconds'], 1)} |")
         lines.append("")
     finals = [r for r in results.rows.values() if r["stage"] == "final"]
     if finals:
@@ -385,13 +387,13 @@ def main(argv=None) -> int:
         candidates = [{**config, name: v} for v in values]
         if not args.report_only:
             selection_rows(results, Path(args.root), units, candidates, seeds)
-        try:
-            winner, table = choose(results, units, candidates)
-        except RuntimeError:
-            break
+        winner, table = choose(results, units, candidates)
         stages.append((name, candidates, winner, table))
+        if winner is None:
+            break
         config = winner
-    if len(stages) == len(STAGES) and not args.report_only:
+    decided = [stage for stage in stages if stage[2] is not None]
+    if len(decided) == len(STAGES) and not args.report_only:
         root = Path(args.root)
         raw_pixel_rows(results, root, units, seeds)
         chosen = {"method": "patch", "patch_stages": list(config["patch_stages"]),
@@ -400,7 +402,7 @@ def main(argv=None) -> int:
         if args.firm:
             final_rows(results, root, units, seeds, "firm_from_scratch", {"method": "firm"})
     atomic_write(out / "report.md", report(results, units, stages))
-    write_json(out / "chosen.json", {"stages_decided": len(stages), "config": config})
+    write_json(out / "chosen.json", {"stages_decided": len(decided), "config": config})
     print(f"report written to {out / 'report.md'}")
     return 0
 
