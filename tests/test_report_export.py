@@ -96,7 +96,7 @@ def test_report_embeds_every_figure_and_the_results(evaluated):
     records = json.loads((evaluated / "results.json").read_text())
     for r in records:
         assert f"AUROC {r['scorer']} / {r['tta']}" in page and f"{r['auroc']:.4f}" in page
-    assert "AUROC cos1 / none (plotted)" in page and "firm evaluate" not in page
+    assert "AUROC cos1 / none (the detector&#x27;s own score, plotted)" in page and "firm evaluate" not in page
 
 
 def test_evaluate_records_agree_with_the_per_image_scores(evaluated):
