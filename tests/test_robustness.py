@@ -164,12 +164,13 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     trainer = Trainer(Encoder(TINY), cfg, images, files=train_files(tmp_path), progress=False)
     real_loss, calls = trainer.loss_fn, {"n": 0}
 
-    def poisoned(z1, z2, labels):
-        calls["n"] += 1
-        value = real_loss(z1, z2, labels)
-        return value * float("nan") if calls["n"] > trainer.plan.steps_per_epoch() else value
+    class Poisoned(torch.nn.Module):  # a loss module, as the trainer checkpoints the loss's state too
+        def forward(self, z1, z2, labels):
+            calls["n"] += 1
+            value = real_loss(z1, z2, labels)
+            return value * float("nan") if calls["n"] > trainer.plan.steps_per_epoch() else value
 
-    trainer.loss_fn = poisoned
+    trainer.loss_fn = Poisoned()
     with pytest.raises(TrainingError, match="loss became nan in epoch 2"):
         trainer.train()
     tensors, meta = load_tensors(tmp_path / CHECKPOINT)
