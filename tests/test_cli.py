@@ -1,5 +1,6 @@
-"""One test per defect found in review of the ``firm`` command line, each on tiny models and
-scikit-learn's digits written as image files (no dataset files needed)."""
+"""The ``firm`` command line (cli.py): names checked at parse time, resume, output checks,
+interrupts, warnings, progress bars and help, on tiny models and scikit-learn's digits written as
+image files (no dataset files needed)."""
 import contextlib
 import csv
 import io
