@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .backbone import StagedBackbone
 from .serialization import WeightsError
 
 __all__ = ["EfficientNetLite0", "MBConv", "PACKAGE", "PACKAGED_FILE", "PACKAGED_SHA256", "packaged_weights",
@@ -82,7 +80,7 @@ class MBConv(nn.Module):
         return out + x if self.residual else out
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(StagedBackbone):
     """EfficientNet-Lite0 backbone with the interface of :class:`firm.models.ResNet`: pooled
     features (1280), :meth:`feature_maps` of the four stages, ``frozen_stages`` and frozen
     BatchNorm statistics for fine-tuning. Takes images in [0, 1] (3 channels)."""
@@ -104,61 +102,13 @@ class EfficientNetLite0(nn.Module):
         stages = [nn.Sequential(*blocks[a:b]) for a, b in zip(starts, _STAGE_ENDS)]
         stages[-1].append(_conv_bn(cin, _HEAD, 1, bn_momentum=bn_momentum))
         self.stages = nn.Sequential(*stages)
-        self.stage_dims = [stage[-2 if i == 3 else -1].project[0].out_channels if i < 3 else _HEAD
-                           for i, stage in enumerate(self.stages)]
+        self.stage_dims = [stage[-1].project[0].out_channels for stage in stages[:3]] + [_HEAD]
         self.out_dim = _HEAD
-        self.frozen_stages = 0
-        self.bn_stats_frozen = False
 
     @staticmethod
     def normalize(x: Tensor) -> Tensor:
         """[0, 1] images to the TF-Lite input scale ``(pixel - 127) / 128``."""
         return x * (255 / 128) - 127 / 128
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Pooled head features ``(B, 1280)`` of images in [0, 1]."""
-        x = self.stages(self.stem(self.normalize(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-    def feature_maps(self, x: Tensor, stages: Sequence[int] = (2, 3)) -> list[Tensor]:
-        """Spatial outputs of the 1-indexed ``stages`` (strides 4, 8, 16, 32), in the order given;
-        stages after the last one asked for are not run."""
-        wanted = _check_stages(stages)
-        x = self.stem(self.normalize(x))
-        outs = {}
-        for i in range(1, max(wanted) + 1):
-            x = self.stages[i - 1](x)
-            outs[i] = x
-        return [outs[s] for s in wanted]
-
-    def map_dims(self, stages: Sequence[int] = (2, 3)) -> list[int]:
-        """Channel counts of :meth:`feature_maps` for ``stages``."""
-        return [self.stage_dims[s - 1] for s in _check_stages(stages)]
-
-    def frozen_modules(self) -> list[nn.Module]:
-        """The stem and the first ``frozen_stages`` stages (empty when nothing is frozen)."""
-        k = self.frozen_stages
-        return [self.stem, *self.stages[:k]] if k > 0 else []
-
-    def train(self, mode: bool = True) -> "EfficientNetLite0":
-        """As :meth:`nn.Module.train`, but frozen parts (and every BatchNorm once their statistics
-        are frozen) stay in eval mode."""
-        super().train(mode)
-        if mode:
-            for module in self.frozen_modules():
-                module.eval()
-            if self.bn_stats_frozen:
-                for module in self.modules():
-                    if isinstance(module, _BatchNorm):
-                        module.eval()
-        return self
-
-
-def _check_stages(stages: Sequence[int]) -> list[int]:
-    wanted = [int(s) for s in stages]
-    if not wanted or any(s < 1 or s > len(_STAGE_ENDS) for s in wanted):
-        raise ValueError(f"stages are numbered 1..{len(_STAGE_ENDS)}, got {wanted}")
-    return wanted
 
 
 def packaged_weights() -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import ModelConfig, check_ranges
+from .backbone import StagedBackbone
 from .efficientnet import EfficientNetLite0, load_packaged
 from .registry import Registry
 from .serialization import WeightsError
@@ -112,7 +113,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(StagedBackbone):
     """ResNet backbone: a stem, 4 stages of width w, 2w, 4w, 8w (times the block's expansion),
     global average pooling.
 
@@ -150,57 +151,9 @@ class ResNet(nn.Module):
         self.register_buffer("in_scale", (1 / std_t).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("in_shift", (-mean_t / std_t).view(1, -1, 1, 1), persistent=False)
         self.arch = f"ResNet({block.__name__}, {list(layers)})"  # the builders put their name here
-        self.frozen_stages = 0
-        self.bn_stats_frozen = False
 
     def normalize(self, x: Tensor) -> Tensor:
         return x * self.in_scale + self.in_shift
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Pooled features ``(B, out_dim)`` of images in [0, 1]."""
-        x = self.stages(self.stem(self.normalize(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-    def feature_maps(self, x: Tensor, stages: Sequence[int] = (2, 3)) -> list[Tensor]:
-        """Spatial outputs ``(B, C_s, H_s, W_s)`` of the 1-indexed ``stages``, in the order given;
-        stages after the last one asked for are not run."""
-        wanted = _check_stages(stages)
-        x = self.stem(self.normalize(x))
-        outs: dict[int, Tensor] = {}
-        for i in range(1, max(wanted) + 1):
-            x = self.stages[i - 1](x)
-            if i in wanted:
-                outs[i] = x
-        return [outs[s] for s in wanted]
-
-    def map_dims(self, stages: Sequence[int] = (2, 3)) -> list[int]:
-        """Channel counts of :meth:`feature_maps` for ``stages``."""
-        return [self.stage_dims[s - 1] for s in _check_stages(stages)]
-
-    def frozen_modules(self) -> list[nn.Module]:
-        """The stem and the first ``frozen_stages`` stages (empty when nothing is frozen)."""
-        k = self.frozen_stages
-        return [self.stem, *self.stages[:k]] if k > 0 else []
-
-    def train(self, mode: bool = True) -> "ResNet":
-        """As :meth:`nn.Module.train`, but frozen parts (and every BatchNorm after
-        :func:`freeze_bn_stats`) stay in eval mode, so their running statistics do not move."""
-        super().train(mode)
-        if mode:
-            for module in self.frozen_modules():
-                module.eval()
-            if self.bn_stats_frozen:
-                for module in self.modules():
-                    if isinstance(module, _BatchNorm):
-                        module.eval()
-        return self
-
-
-def _check_stages(stages: Sequence[int]) -> list[int]:
-    wanted = [int(s) for s in (stages if isinstance(stages, Iterable) else [stages])]
-    if not wanted or any(s < 1 or s > _NUM_STAGES for s in wanted):
-        raise ValueError(f"stages are numbered 1..{_NUM_STAGES}, got {list(wanted)}")
-    return wanted
 
 
 def resnet18(width: int = 64, **kwargs) -> ResNet:
@@ -389,9 +342,9 @@ class Encoder(nn.Module):
         return F.normalize(z, dim=1)
 
 
-def _backbone_of(model: nn.Module) -> ResNet | EfficientNetLite0:
+def _backbone_of(model: nn.Module) -> StagedBackbone:
     backbone = model.backbone if isinstance(model, Encoder) else model
-    if not isinstance(backbone, (ResNet, EfficientNetLite0)):
+    if not isinstance(backbone, StagedBackbone):
         raise TypeError(f"expected an Encoder or a ResNet backbone, got {type(model).__name__}")
     return backbone
 
