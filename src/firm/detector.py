@@ -209,8 +209,7 @@ class FIRMDetector(BaseEstimator):
             encoder, self.history_, self.bank_ = Encoder(m).eval(), [], None
             self.score_ = PATCH
         else:
-            aux = (read_images(outliers, input_shape(m.image_size, m.aspect), m.in_channels, name="outlier images")[0]
-                   if outliers is not None else None)
+            aux = read_images(outliers, shape, m.in_channels, name="outlier images")[0] if outliers is not None else None
             trained = train_encoder(s, train, auxiliary=aux, files=train_files(run_dir) if run_dir is not None else None,
                                     resume=resume, progress=self.progress, log=self._log)
             s.train, encoder, self.history_ = trained.train, trained.encoder, trained.history
