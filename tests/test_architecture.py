@@ -8,7 +8,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "firm"
 # The layout of STYLE.md: data -> views and outliers -> encoder -> loss; encoder -> features
 # -> scorer -> metrics; then the run machinery, the detector, the grids and the command line.
-LAYERS = ["config", "registry", "serialization", "losses", "views", "shifts", "shift_choice", "backbone",
+LAYERS = ["registry", "config", "serialization", "losses", "views", "shifts", "shift_choice", "backbone",
           "efficientnet", "models", "data", "training", "features", "scoring", "evaluation", "stats", "maps", "runner",
           "rundir", "detector", "inference", "bench", "bench_stats", "bench_report", "report", "export", "speed", "cli",
           "__main__"]

@@ -19,8 +19,8 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .config import (GROUPS, PRESETS, Settings, SettingsError, apply_overrides, describe, field_group, field_type,
-                     preset)
+from .config import (GROUPS, METHODS, PRESETS, SCORES, Settings, SettingsError, apply_overrides, describe, field_group,
+                     field_type, preset)
 
 __all__ = ["main", "build_parser"]
 
@@ -28,7 +28,6 @@ __all__ = ["main", "build_parser"]
 def _registries() -> dict:
     """The registry each name-valued setting draws from: its flag's choices, checked at parse time."""
     from .data import DATASETS, SPLITS
-    from .detector import METHODS, SCORES
     from .features import TTA_MODES
     from .losses import LOSS_MODES, LOSSES
     from .models import BACKBONES, INITS, STEMS

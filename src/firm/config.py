@@ -20,15 +20,13 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
+from .registry import Registry, SettingsError
+
 __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "DetectorConfig", "Settings", "PRESETS",
     "GROUPS", "preset", "field_group", "apply_overrides", "settings_from_dict", "dump_yaml",
-    "SettingsError", "describe", "field_type", "MIN_IMAGE_SIZE", "check_ranges",
+    "SettingsError", "describe", "field_type", "MIN_IMAGE_SIZE", "check_ranges", "METHODS", "SCORES",
 ]
-
-
-class SettingsError(ValueError):
-    """A setting that is unknown, of the wrong type or out of range; the message names it."""
 
 
 class _Group:
@@ -185,6 +183,18 @@ class EvalConfig(_Group):
     """reuse the same random crops for every rotation (the authors') rather than fresh ones per rotation"""
     ocsvm_nu: float = 0.5
     """nu of the RBF and linear one-class SVMs (scikit-learn's default and the authors' is 0.5)"""
+
+
+# The detector's methods and image scores: the choices of DetectorConfig.method and .score.
+PATCH, FIRM, POOLED, AUTO = "patch", "firm", "pooled", "auto"
+METHODS: Registry[str] = Registry("detector method", {
+    PATCH: "ImageNet-pretrained EfficientNet-Lite0 patch features in a coreset memory, no training",
+    FIRM: "an encoder trained with FIRM on the normal images",
+}, keywords={AUTO: "patch for large images when the pretrained weights are installed, firm otherwise"})
+SCORES: Registry[str] = Registry("detector score", {
+    PATCH: "PatchCore's re-weighted distance of the image's most unusual patch",
+    POOLED: "the eval scorer (cos1, ...) on pooled features",
+}, keywords={AUTO: "patch for large images, pooled for small ones"})
 
 
 @dataclass

@@ -6,7 +6,7 @@
     det.anomaly_maps(new_images)                              # (N, H, W) heat maps on the same scale
     det.save("model/"); FIRMDetector.load("model/")
 
-The detector takes one of two paths (:data:`METHODS`), chosen from the images unless set:
+The detector takes one of two paths (:data:`firm.config.METHODS`), chosen from the images unless set:
 
 * ``patch`` (large images, when the ImageNet weights of EfficientNet-Lite0 are installed, the
   ``pretrained`` extra): no training; patch features of the pretrained network fill a greedy
@@ -34,20 +34,19 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
-from .config import DataConfig, ModelConfig, Settings, apply_overrides, preset
+from .config import AUTO, FIRM, PATCH, POOLED, DataConfig, ModelConfig, Settings, apply_overrides, preset
 from .data import image_sides, input_shape, is_paths, read_images
 from .efficientnet import WeightsMissing, packaged_weights
 from .features import FeatureSet, extract_features
 from .losses import LOSSES
 from .maps import PatchBank
 from .models import PACKAGED, Encoder, resolve_stem
-from .registry import Registry
 from .rundir import LOG, PATCHES, load_extra, load_model_dir, read_log, save_model_dir, train_files
 from .runner import feature_check, shifted_copies, train_encoder, validate
 from .scoring import apply_scorers, fit_scorers
 from .serialization import ModelFileError, atomic_write
 
-__all__ = ["FIRMDetector", "FOLDER_PREFIX", "METHODS", "SCORES", "choose_method", "pretrained_model", "MIN_NORMAL_IMAGES",
+__all__ = ["FIRMDetector", "FOLDER_PREFIX", "choose_method", "pretrained_model", "MIN_NORMAL_IMAGES",
            "MIN_HOLDOUT"]
 
 MIN_NORMAL_IMAGES = 10
@@ -61,15 +60,6 @@ FOLDER_PREFIX = "folder:"
 """``settings.data.dataset`` of a detector fitted on image files or arrays: ``folder:`` and the
 images' common folder (``folder:array`` for arrays)."""
 
-PATCH, FIRM, POOLED, AUTO = "patch", "firm", "pooled", "auto"
-METHODS: Registry[str] = Registry("detector method", {
-    PATCH: "ImageNet-pretrained EfficientNet-Lite0 patch features in a coreset memory, no training",
-    FIRM: "an encoder trained with FIRM on the normal images",
-}, keywords={AUTO: "patch for large images when the pretrained weights are installed, firm otherwise"})
-SCORES: Registry[str] = Registry("detector score", {
-    PATCH: "PatchCore's re-weighted distance of the image's most unusual patch",
-    POOLED: "the eval scorer (cos1, ...) on pooled features",
-}, keywords={AUTO: "patch for large images, pooled for small ones"})
 _PATCH_BACKBONE = "efficientnet_lite0"
 
 
@@ -171,8 +161,6 @@ class FIRMDetector(BaseEstimator):
     def _resolved(self) -> Settings:
         s = (self.settings or preset("detector")).copy()
         validate(dataclasses.replace(s, data=DataConfig()))  # the images come from fit(X), not from the data settings
-        METHODS.check(s.detector.method)
-        SCORES.check(s.detector.score)
         return s
 
     def fit(self, X, y=None, outliers=None, run_dir: str | os.PathLike | None = None,

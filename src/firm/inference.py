@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import PATCH, DataConfig
 from .data import ALL_CLASSES, read_masks
-from .detector import FOLDER_PREFIX, PATCH, FIRMDetector
+from .detector import FOLDER_PREFIX, FIRMDetector
 from .evaluation import auroc, evaluate_scorers
 from .losses import resolve_mode
 from .maps import map_metrics, save_overlays

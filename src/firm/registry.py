@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
-from .config import SettingsError
-
 __all__ = ["Registry", "SettingsError"]
 
 T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting that is unknown, of the wrong type or out of range; the message names it."""
 
 
 class Registry(Generic[T]):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import EvalConfig, Settings, SettingsError, TrainConfig, check_ranges
+from .config import METHODS, SCORES, EvalConfig, Settings, SettingsError, TrainConfig, check_ranges
 from .data import (ALL_CLASSES, DATASETS, SPLITS, ImageSet, canonical_dataset, load_dataset, load_image_folder,
                    one_class_split, subsample, validation_split)
 from .evaluation import evaluate_scorers
@@ -66,6 +66,8 @@ def validate(settings: Settings) -> None:
     TTA_MODES.check(e.final_tta)
     TTA_MODES.check(e.curve_tta)
     SPLITS.get(d.split)
+    METHODS.check(settings.detector.method)
+    SCORES.check(settings.detector.score)
     for name in d.ood:
         canonical_dataset(name)
     dataset = canonical_dataset(d.dataset)
