@@ -81,9 +81,9 @@ def paste_defects(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.
 def load_unit(root: Path, unit: str, shape: tuple[int, int], seed: int):
     """``(train, test, is_anomaly, masks or None)`` of a unit, images resized to ``shape``."""
     name = unit.removesuffix("-synthetic")
-    train, test, y, masks = load_defect_dataset(root / name, shape, 3)
+    train, test = load_defect_dataset(root / name, shape, 3)
     if unit == name:
-        return train.images, test.images, y, masks
+        return train.images, test.images, test.labels, test.masks
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=gen)
     n_test = int(round(SYNTHETIC_SHARE * len(train)))

@@ -59,7 +59,8 @@ def detector_figures(name: str, overrides: dict, root: Path) -> dict:
     start = time.perf_counter()
     det = FIRMDetector(settings, progress=False).fit(root / "train" / "good")  # as `firm fit` reads a folder
     size = det.image_size
-    _, test, is_anomaly, masks = load_defect_dataset(root, size, settings.model.in_channels)
+    test = load_defect_dataset(root, size, settings.model.in_channels)[1]
+    is_anomaly, masks = test.labels, test.masks
     out = {"detector": name, "overrides": overrides, "image_size": size, "settings": det.settings_.to_dict(),
            "notes": det.notes_, "fit_seconds": time.perf_counter() - start,
            "image_auroc_features": auroc(det.decision_function(test.images), is_anomaly)}
@@ -85,7 +86,8 @@ def main():
                f"--out {args.out} --seed {args.seed}", "sets": {}}
     for name in args.sets.split(","):
         root = Path(args.root) / name
-        train, test, is_anomaly, _ = load_defect_dataset(root, 256, 3)
+        train, test = load_defect_dataset(root, 256, 3)
+        is_anomaly = test.labels
         row = results["sets"][name] = {"train_images": len(train), "test_images": len(test),
                                        "defects": int(is_anomaly.sum())}
         start = time.perf_counter()

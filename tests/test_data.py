@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from firm.data import load_dataset, validation_split
+from firm.bench import plan_grid
+from firm.config import SettingsError, apply_overrides, preset
+from firm.data import (LAYOUTS, dataset_classes, folder_layout, load_dataset, load_defect_dataset, normal_classes,
+                       read_masks, validation_split)
+from firm.runner import prepare_data, run, validate
+
+from conftest import write_png
 
 
 def _write_cifar100(folder, n):
@@ -71,3 +77,88 @@ def test_validation_split_stays_inside_the_training_set():
     held = val.images[is_anomaly == 0].flatten(1)
     assert not (held[:, None, :] == normal.images.flatten(1)[None]).all(-1).any()
     assert torch.equal(validation_split(train, 3, holdout=0.2, anomalies=50, seed=1)[1].images, val.images)
+
+
+def test_load_defect_dataset(mvtec):
+    train, test = load_defect_dataset(mvtec, size=16)
+    masks = test.masks
+    assert train.images.shape == (3, 3, 16, 16) and train.labels.tolist() == [0, 0, 0]
+    assert test.images.shape == (4, 3, 16, 16) and test.labels.tolist() == [0, 0, 1, 1]
+    assert [p.split("/")[-2] for p in test.paths] == ["good", "good", "crack", "crack"]
+    assert masks.shape == (4, 16, 16) and masks.dtype == torch.uint8
+    assert masks[:2].sum() == 0
+    # resized as the images are: the mask covers the pixels that are more than half defect
+    expected = (test.images[2, 0] > (120 + 250) / 2).to(torch.uint8)
+    assert 20 < int(expected.sum()) < 60
+    assert torch.equal(masks[2], expected) and torch.equal(masks[3], expected)
+
+
+def test_masks_missing_and_absent(mvtec):
+    (mvtec / "ground_truth" / "crack" / "001_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"crack/001\.png has no mask"):
+        load_defect_dataset(mvtec, size=16)
+    for f in (mvtec / "ground_truth" / "crack").iterdir():
+        f.unlink()
+    (mvtec / "ground_truth" / "crack").rmdir()
+    (mvtec / "ground_truth").rmdir()
+    assert load_defect_dataset(mvtec, size=16)[1].masks is None
+
+
+def test_read_masks_by_name(mvtec, tmp_path):
+    test = load_defect_dataset(mvtec, size=16)[1]
+    # firm evaluate --mask-dir: a flat folder; good images may have none
+    flat = tmp_path / "masks"
+    mask = np.zeros((48, 32), dtype=np.uint8)
+    mask[:24] = 1
+    write_png(flat / "000.png", mask)  # a flat name matches test/good/000.png and test/crack/000.png
+    masks = read_masks(test.paths, flat, 16)
+    assert masks.sum(dim=(1, 2)).tolist() == [128, 0, 128, 0] and masks[0, :8].all()
+    with pytest.raises(FileNotFoundError, match=r"crack/001\.png has no mask"):
+        read_masks(test.paths, flat, 16, is_anomaly=[0, 0, 1, 1])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_masks(test.paths, tmp_path / "nowhere", 16)
+    (tmp_path / "other").mkdir()
+    write_png(tmp_path / "other" / "unrelated.png", mask)
+    with pytest.raises(FileNotFoundError, match="no mask in .* matches any"):
+        read_masks(test.paths, tmp_path / "other", 16)
+    write_png(flat / "001_mask.png", np.zeros((10, 40), dtype=np.uint8))  # another shape than its image
+    with pytest.raises(ValueError, match="cannot be aligned"):
+        read_masks(test.paths, flat, 16, is_anomaly=[0, 0, 1, 1])
+
+
+def test_a_defect_folder_is_a_dataset_by_its_layout(mvtec, tmp_path):
+    """A folder in the MVTec AD layout reads as train (good) and test (good and defects, with
+    masks) wherever a dataset is named; a plain folder of images is one class."""
+    assert folder_layout(mvtec) is LAYOUTS.get("mvtec")
+    train, test = load_dataset(str(mvtec), size=16)
+    assert len(train) == 3 and test.labels.tolist() == [0, 0, 1, 1] and test.masks.shape == (4, 16, 16)
+    assert test.subset([2, 0]).masks.sum(dim=(1, 2)).tolist() == [int(test.masks[2].sum()), 0]
+    assert dataset_classes(str(mvtec)) == ["good", "defect"] and normal_classes(str(mvtec)) == [0]
+    plain = mvtec / "train"
+    assert folder_layout(plain) is LAYOUTS.get("images") and normal_classes(str(plain)) == []
+    folder_train, folder_test = load_dataset(str(plain), size=16)
+    assert folder_train is folder_test and folder_train.masks is None
+
+
+def test_settings_and_grids_on_folders(mvtec):
+    """validate accepts the defect folder's normal class only; a plain folder needs 'all'; the
+    bench grid of a defect folder without --classes is its normal class."""
+    validate(apply_overrides(preset("cpu"), {"dataset": str(mvtec), "normal_class": "0"}))
+    with pytest.raises(SettingsError, match="'normal_class' must be 0 or 'all'"):
+        validate(apply_overrides(preset("cpu"), {"dataset": str(mvtec), "normal_class": "1"}))
+    with pytest.raises(SettingsError, match="'normal_class' must be 'all'"):
+        validate(apply_overrides(preset("cpu"), {"dataset": str(mvtec / "train"), "normal_class": "0"}))
+    runs = plan_grid(preset("cpu"), [str(mvtec)], None, ["firm"], [0])
+    assert [r.normal_class for r in runs] == ["0"]
+
+
+def test_firm_trains_on_a_defect_folder(mvtec):
+    """The one run path on a defect folder: trained on train/good, scored on test/ (good vs defect)."""
+    settings = apply_overrides(preset("demo"), {"dataset": str(mvtec), "normal_class": "0", "image_size": 8,
+                                                "epochs": 1, "batch_size": 4, "scorers": "cos1", "final_tta": "none",
+                                                "device": "cpu"})
+    data = prepare_data(settings)
+    assert len(data.normal) == 3 and [name for name, _, _ in data.eval_sets] == ["test"]
+    assert data.eval_sets[0][2].tolist() == [0, 0, 1, 1]
+    records = run(settings, progress=False, log=lambda message: None).records
+    assert [(r["dataset"], r["normal_class"], r["scorer"]) for r in records if r["final"]] == [(str(mvtec), "0", "cos1")]

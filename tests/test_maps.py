@@ -1,4 +1,4 @@
-"""Anomaly maps (firm.maps): patch bank, coreset, metrics, masks in the MVTec AD layout, overlays."""
+"""Anomaly maps (firm.maps): patch bank, coreset, metrics, overlays."""
 import csv
 import math
 
@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from firm.data import load_defect_dataset, read_masks
 from firm.maps import (
     MAPS_INDEX,
     PatchBank,
@@ -188,75 +187,6 @@ def test_map_metrics(fitted):
     assert set(metrics) == {"image_auroc", "pixel_auroc", "pro"}
     assert metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] > 0.9 and metrics["pro"] > 0.5
     assert map_metrics(torch.rand(2, 4, 4), None, [0, 0]) == {}
-
-
-def _png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-@pytest.fixture
-def mvtec(tmp_path):
-    """A tiny folder in the MVTec AD layout: 32 x 48 grey images, a 'crack' kind with masks."""
-    root = tmp_path / "part"
-    plain = np.full((48, 32), 120, dtype=np.uint8)
-    for name in ("000", "001", "002"):
-        _png(root / "train" / "good" / f"{name}.png", plain)
-    for name in ("000", "001"):
-        _png(root / "test" / "good" / f"{name}.png", plain)
-        cracked = plain.copy()
-        cracked[8:24, 4:20] = 250
-        _png(root / "test" / "crack" / f"{name}.png", cracked)
-        mask = np.zeros((48, 32), dtype=np.uint8)
-        mask[8:24, 4:20] = 255
-        _png(root / "ground_truth" / "crack" / f"{name}_mask.png", mask)
-    return root
-
-
-def test_load_defect_dataset(mvtec):
-    train, test, is_anomaly, masks = load_defect_dataset(mvtec, size=16)
-    assert train.images.shape == (3, 3, 16, 16)
-    assert test.images.shape == (4, 3, 16, 16) and is_anomaly.tolist() == [0, 0, 1, 1] == test.labels.tolist()
-    assert [p.split("/")[-2] for p in test.paths] == ["good", "good", "crack", "crack"]
-    assert masks.shape == (4, 16, 16) and masks.dtype == torch.uint8
-    assert masks[:2].sum() == 0
-    # resized as the images are: the mask covers the pixels that are more than half defect
-    expected = (test.images[2, 0] > (120 + 250) / 2).to(torch.uint8)
-    assert 20 < int(expected.sum()) < 60
-    assert torch.equal(masks[2], expected) and torch.equal(masks[3], expected)
-
-
-def test_masks_missing_and_absent(mvtec):
-    (mvtec / "ground_truth" / "crack" / "001_mask.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"crack/001\.png has no mask"):
-        load_defect_dataset(mvtec, size=16)
-    for f in (mvtec / "ground_truth" / "crack").iterdir():
-        f.unlink()
-    (mvtec / "ground_truth" / "crack").rmdir()
-    (mvtec / "ground_truth").rmdir()
-    assert load_defect_dataset(mvtec, size=16)[3] is None
-
-
-def test_read_masks_by_name(mvtec, tmp_path):
-    test = load_defect_dataset(mvtec, size=16)[1]
-    # firm evaluate --mask-dir: a flat folder; good images may have none
-    flat = tmp_path / "masks"
-    mask = np.zeros((48, 32), dtype=np.uint8)
-    mask[:24] = 1
-    _png(flat / "000.png", mask)  # a flat name matches test/good/000.png and test/crack/000.png
-    masks = read_masks(test.paths, flat, 16)
-    assert masks.sum(dim=(1, 2)).tolist() == [128, 0, 128, 0] and masks[0, :8].all()
-    with pytest.raises(FileNotFoundError, match=r"crack/001\.png has no mask"):
-        read_masks(test.paths, flat, 16, is_anomaly=[0, 0, 1, 1])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_masks(test.paths, tmp_path / "nowhere", 16)
-    (tmp_path / "other").mkdir()
-    _png(tmp_path / "other" / "unrelated.png", mask)
-    with pytest.raises(FileNotFoundError, match="no mask in .* matches any"):
-        read_masks(test.paths, tmp_path / "other", 16)
-    _png(flat / "001_mask.png", np.zeros((10, 40), dtype=np.uint8))  # another shape than its image
-    with pytest.raises(ValueError, match="cannot be aligned"):
-        read_masks(test.paths, flat, 16, is_anomaly=[0, 0, 1, 1])
 
 
 def test_overlays(fitted, tmp_path):

@@ -20,7 +20,7 @@ from firm.runner import train_encoder, validate
     ("scorers", "cos1,cos3", "unknown scorer 'cos3'"),
     ("tta", "flip", "unknown test-time ensemble 'flip'; choose one of none, angled, ensemble"),
     ("final_tta", "none,flips", "unknown test-time ensemble 'flips'"),
-    ("dataset", "imagenet", "unknown dataset 'imagenet'; choose one of cifar10, .* or an image folder"),
+    ("dataset", "imagenet", "unknown dataset 'imagenet'; choose one of cifar10, .* or a folder"),
     ("ood", "imagenet", "unknown dataset 'imagenet'"),
     ("split", "train", "unknown split 'train'; choose one of test, validation"),
     ("normal_class", "10", "'normal_class' must be 0..9 or 'all'"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import Settings, SettingsError, settings_from_dict
-from .data import ALL_CLASSES, DATASETS, canonical_dataset
+from .data import ALL_CLASSES, canonical_dataset, normal_classes
 from .losses import resolve_mode
 from .rundir import BENCH_PARTIAL, BENCH_RUNS, read_run_settings, train_files, write_run_settings
 from .runner import DataCache, run, validate
@@ -58,9 +58,9 @@ def plan_grid(base: Settings, datasets: list[str], classes: list[str] | None, lo
         raise ValueError(f"shard {i}/{n}: the index must be in 0..{n - 1}")
     runs = []
     for d in (canonical_dataset(name) for name in datasets):
-        if classes is None and d not in DATASETS:
-            raise ValueError(f"{d}: give the classes to run with --classes (an image folder has no class list)")
-        for c in classes if classes is not None else [str(k) for k in range(len(DATASETS.get(d).classes))]:
+        if classes is None and not normal_classes(d):
+            raise ValueError(f"{d}: give the classes to run with --classes (a folder of images has no class list)")
+        for c in classes if classes is not None else [str(k) for k in normal_classes(d)]:
             for budget in budgets or [base.train.epochs]:
                 for s in seeds:
                     for loss in losses:

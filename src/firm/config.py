@@ -49,7 +49,9 @@ class DataConfig(_Group):
     """Which images a run trains and is evaluated on."""
 
     dataset: str = "cifar10"
-    """registered dataset to train and evaluate on"""
+    """registered dataset to train and evaluate on, or a folder read by its layout: MVTec AD (train/good/,
+    test/<kind>/; normal class 0, scored on its real defects) or any folder of images (one class, with
+    normal class 'all')"""
     data_root: str | None = None
     """folder holding the dataset files (default: $FIRM_DATA_ROOT)"""
     normal_class: str = "0"

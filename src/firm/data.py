@@ -26,7 +26,8 @@ __all__ = [
     "ImageSet", "DatasetEntry", "DATASETS", "SPLITS", "ALL_CLASSES", "canonical_dataset", "DATA_ROOT_ENV",
     "resolve_data_root", "load_dataset", "as_images", "as_nchw",
     "load_image_folder", "eight_bit", "find_images", "image_shape", "is_paths", "image_sides", "median_side", "read_images",
-    "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS",
+    "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS", "FolderLayout", "LAYOUTS", "folder_layout",
+    "is_defect_folder", "load_defect_dataset", "read_masks", "dataset_classes", "normal_classes",
 ]
 
 DATA_ROOT_ENV = "FIRM_DATA_ROOT"
@@ -41,18 +42,21 @@ _CIFAR100_SUPERCLASSES = [
 _FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                     "Ankle boot"]
 _DIGIT_CLASSES = [str(i) for i in range(10)]
+_DEFECT_CLASSES = ["good", "defect"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
 @dataclass
 class ImageSet:
-    """Images as uint8 ``(N, C, H, W)``, integer labels, class names and (for files) paths."""
+    """Images as uint8 ``(N, C, H, W)``, integer labels, class names, (for files) paths and (for
+    defect sets) ground-truth masks, uint8 0 / 1 ``(N, H, W)``."""
 
     images: Tensor
     labels: Tensor
     classes: list[str]
     name: str = ""
     paths: list[str] = field(default_factory=list)
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -60,7 +64,8 @@ class ImageSet:
     def subset(self, index: Tensor | np.ndarray | list[int]) -> "ImageSet":
         index = torch.as_tensor(index, dtype=torch.long)
         paths = [self.paths[i] for i in index.tolist()] if self.paths else []
-        return ImageSet(self.images[index], self.labels[index], self.classes, self.name, paths)
+        masks = None if self.masks is None else self.masks[index]
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.name, paths, masks)
 
 
 def image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -295,7 +300,7 @@ DATASETS: Registry[DatasetEntry] = Registry("dataset", {
     "mnist": DatasetEntry(load_mnist, _DIGIT_CLASSES, "MNIST (MNIST/raw/)"),
     "digits": DatasetEntry(load_digits, _DIGIT_CLASSES, "scikit-learn's 8 x 8 digits, no files needed",
                            needs_root=False),
-}, alternative="or an image folder")
+}, alternative="or a folder (MVTec AD layout, or any images)")
 
 SPLITS: Registry[str] = Registry("split", {
     "test": "the dataset's test split",
@@ -315,10 +320,11 @@ def canonical_dataset(name: str) -> str:
 
 def load_dataset(name: str, data_root: str | os.PathLike | None = None, size: int = 32,
                  channels: int = 3) -> tuple[ImageSet, ImageSet]:
-    """Train and test split of dataset ``name``, converted to ``channels x size x size``."""
+    """Train and test split of dataset ``name`` (a registered name, or a folder read by its
+    layout, :data:`LAYOUTS`), converted to ``channels x size x size``."""
     key = canonical_dataset(name)
     if key not in DATASETS:
-        raise ValueError(f"{name} is an image folder, not a dataset with train and test splits")
+        return folder_layout(key).loader(Path(key), size, channels)
     entry = DATASETS.get(key)
     train, test = entry.loader(resolve_data_root(data_root) if entry.needs_root else None)
     for s in (train, test):
@@ -589,20 +595,26 @@ def read_masks(paths: list[str | os.PathLike], mask_dir: str | os.PathLike, size
     return torch.from_numpy(out)
 
 
+def is_defect_folder(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is in the MVTec AD layout (``train/good/`` and ``test/``)."""
+    root = Path(root)
+    return (root / "train" / "good").is_dir() and (root / "test").is_dir()
+
+
 def load_defect_dataset(root: str | os.PathLike, size: int | tuple[int, int] = 256,
-                        channels: int = 3) -> tuple[ImageSet, ImageSet, Tensor, Tensor | None]:
+                        channels: int = 3) -> tuple[ImageSet, ImageSet]:
     """A folder in the MVTec AD layout: ``train/good/``, ``test/good/``, ``test/<defect>/`` and,
     optionally, ``ground_truth/<defect>/<stem>_mask.png``.
 
-    Returns ``(train, test, is_anomaly, masks)``: the normal training images, the test images
-    (good first, then each defect folder in name order; labels 0 good, 1 defect; with paths),
-    ``is_anomaly`` (the same 0 / 1) and the masks as uint8 0 / 1 ``(N, size, size)``, all zero
-    for good images, or None when the folder has no ``ground_truth/``. A defect image without a
-    mask is an error that names it.
+    Returns ``(train, test)`` like every dataset loader: the normal training images (class 0,
+    ``good``) and the test images (good first, then each defect folder in name order; labels 0
+    good, 1 defect; with paths), whose ``masks`` are uint8 0 / 1 ``(N, H, W)``, all zero for good
+    images, or None when the folder has no ``ground_truth/``. A defect image without a mask is an
+    error that names it.
     """
     root = Path(root)
     train_dir, test_dir = root / "train" / "good", root / "test"
-    if not train_dir.is_dir() or not test_dir.is_dir():
+    if not is_defect_folder(root):
         raise FileNotFoundError(f"{root} is not in the MVTec AD layout: expected {train_dir}/ and {test_dir}/ "
                                 "(test/good/ and one folder per defect kind, optional ground_truth/<defect>/)")
     kinds = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name != "good")
@@ -611,9 +623,56 @@ def load_defect_dataset(root: str | os.PathLike, size: int | tuple[int, int] = 2
         raise FileNotFoundError(f"{test_dir} holds no good/ or defect folders")
     train = load_image_folder(train_dir, size, channels, label=0, name=root.name)
     parts = [load_image_folder(f, size, channels, label=int(f.name != "good"), name=f.name) for f in folders]
-    test = ImageSet(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts]), ["good", "defect"],
+    test = ImageSet(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts]), _DEFECT_CLASSES,
                     root.name, [p for s in parts for p in s.paths])
-    train.classes = ["good", "defect"]
-    is_anomaly = test.labels.clone()
-    masks = read_masks(test.paths, root / "ground_truth", size, is_anomaly) if (root / "ground_truth").is_dir() else None
-    return train, test, is_anomaly, masks
+    train.classes = _DEFECT_CLASSES
+    if (root / "ground_truth").is_dir():
+        test.masks = read_masks(test.paths, root / "ground_truth", size, test.labels)
+    return train, test
+
+
+def _load_one_folder(root: Path, size: int | tuple[int, int], channels: int) -> tuple[ImageSet, ImageSet]:
+    folder = load_image_folder(root, size, channels, name=root.name)
+    return folder, folder
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """How a folder named as a dataset is read: ``matches(folder)`` says whether a folder has this
+    layout (the first matching entry is used), ``loader(folder, size, channels)`` returns its train
+    and test :class:`ImageSet`; ``classes`` are their class names, of which ``normal`` may be the
+    normal class (what ``firm bench`` runs when no classes are given)."""
+
+    matches: Callable[[Path], bool]
+    loader: Callable[[Path, int | tuple[int, int], int], tuple[ImageSet, ImageSet]]
+    classes: list[str]
+    normal: tuple[int, ...]
+    description: str
+
+
+LAYOUTS: Registry[FolderLayout] = Registry("folder layout", {
+    "mvtec": FolderLayout(is_defect_folder, load_defect_dataset, _DEFECT_CLASSES, (0,),
+                          "MVTec AD / anomalib: train/good/ (normal), test/good/ and test/<defect>/, optional "
+                          "ground_truth/<defect>/<stem>_mask.png; class 0 is normal, the test split has real defects"),
+    "images": FolderLayout(lambda root: True, _load_one_folder, ["images"], (),
+                           "any folder of images (searched recursively): one class, train and test alike, as an "
+                           "out-of-distribution set (--ood) or with normal class 'all'"),
+})
+
+
+def folder_layout(root: str | os.PathLike) -> FolderLayout:
+    """The layout of folder ``root``: the first entry of :data:`LAYOUTS` that matches it."""
+    return next(entry for name in LAYOUTS.names if (entry := LAYOUTS.get(name)).matches(Path(root)))
+
+
+def dataset_classes(name: str) -> list[str]:
+    """The class names of dataset ``name`` (a registered name, or a folder by its layout)."""
+    key = canonical_dataset(name)
+    return DATASETS.get(key).classes if key in DATASETS else folder_layout(key).classes
+
+
+def normal_classes(name: str) -> list[int]:
+    """The classes of dataset ``name`` that can be the normal class (every class of a registered
+    dataset; a folder's by its layout)."""
+    key = canonical_dataset(name)
+    return list(range(len(DATASETS.get(key).classes))) if key in DATASETS else list(folder_layout(key).normal)

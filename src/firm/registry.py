@@ -25,7 +25,7 @@ class Registry(Generic[T]):
 
     ``keywords``: names that are valid choices without being entries, with what each means;
     ``alternative``: what else a setting of this kind may be, added to the error message
-    (for datasets: "or an image folder").
+    (for datasets: "or a folder ...").
     """
 
     def __init__(self, kind: str, entries: dict[str, T] | None = None, keywords: dict[str, str] | None = None,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import METHODS, SCORES, EvalConfig, Settings, SettingsError, TrainConfig, check_ranges
-from .data import (ALL_CLASSES, DATASETS, SPLITS, ImageSet, canonical_dataset, load_dataset, load_image_folder,
+from .data import (ALL_CLASSES, SPLITS, ImageSet, canonical_dataset, load_dataset, load_image_folder, normal_classes,
                    one_class_split, subsample, validation_split)
 from .evaluation import evaluate_scorers
 from .features import TTA_MODES
@@ -73,10 +73,11 @@ def validate(settings: Settings) -> None:
     dataset = canonical_dataset(d.dataset)
     if d.normal_class == ALL_CLASSES:
         return
-    classes = DATASETS.get(dataset).classes if dataset in DATASETS else None
-    if not str(d.normal_class).isdigit() or (classes is not None and int(d.normal_class) >= len(classes)):
-        count = f"0..{len(classes) - 1}" if classes else "a class index"
-        raise SettingsError(f"setting 'normal_class' must be {count} or {ALL_CLASSES!r}, got {d.normal_class!r}")
+    normal = normal_classes(dataset)
+    if not str(d.normal_class).isdigit() or int(d.normal_class) not in normal:
+        count = f"0..{normal[-1]}" if len(normal) > 1 else " or ".join(map(str, normal))
+        count = f"{count} or {ALL_CLASSES!r}" if count else repr(ALL_CLASSES)
+        raise SettingsError(f"setting 'normal_class' must be {count} for {d.dataset}, got {d.normal_class!r}")
 
 
 @dataclass
@@ -101,11 +102,7 @@ class DataCache:
     def get(self, name: str, data_root: str | None, size: int, channels: int) -> tuple[ImageSet, ImageSet]:
         key = (name, data_root, size, channels)
         if key not in self._sets:
-            if Path(name).is_dir():
-                folder = load_image_folder(name, size, channels, name=Path(name).name)
-                self._sets[key] = (folder, folder)
-            else:
-                self._sets[key] = load_dataset(name, data_root, size, channels)
+            self._sets[key] = load_dataset(name, data_root, size, channels)
         return self._sets[key]
 
 
