@@ -1,4 +1,5 @@
-"""firm.config: the settings dataclasses, presets, YAML and run.json round trips, the CLI's --config."""
+"""firm.config: the settings dataclasses, presets (the paper preset's training and evaluation values are
+the authors'), YAML and run.json round trips, the CLI's --config."""
 import dataclasses
 from dataclasses import fields
 
@@ -8,6 +9,8 @@ import yaml
 from firm import cli
 from firm.config import (GROUPS, PRESETS, DataConfig, DetectorConfig, EvalConfig, ModelConfig, Settings, SettingsError,
                          TrainConfig, apply_overrides, check_ranges, dump_yaml, preset, settings_from_dict)
+from firm.features import zoom_size
+from firm.losses import AUTHORS_MODE
 from firm.rundir import read_run_settings, write_run_settings
 
 
@@ -95,6 +98,23 @@ def test_paper_preset_is_the_dataclass_defaults():
     assert PRESETS["cpu"].model.width == 16
     with pytest.raises(SettingsError, match="unknown preset"):
         preset("fast")
+
+
+def test_paper_trains_in_float32_with_the_authors_optimiser_and_layouts():
+    t = preset("paper").train
+    assert (t.amp, t.lr, t.momentum, t.weight_decay, t.batch_size, t.epochs, t.tau) == (False, 0.01, 0.9, 3e-4, 32, 2000, 0.2)
+    assert t.loss_mode == AUTHORS_MODE  # each loss in its authors' layout (test_losses.py pins which)
+
+
+def test_eval_config_holds_the_authors_values_and_the_cpu_preset_the_old_ones():
+    paper = EvalConfig()
+    assert paper.center_crop == pytest.approx(32 / 36) and zoom_size(32, paper.center_crop) == 36
+    assert paper.ensemble_crops == 10 and tuple(paper.ensemble_crop_scale) == (0.55, 1.0)
+    assert paper.ensemble_shared_crops is True and paper.ocsvm_nu == 0.5
+    assert preset("paper").eval == paper
+    cpu = preset("cpu").eval
+    assert cpu.center_crop == 1.0 and tuple(cpu.ensemble_crop_scale) == (0.5, 1.0)
+    assert cpu.ensemble_shared_crops is False and cpu.ocsvm_nu == 0.1 and cpu.ensemble_crops == 10
 
 
 def test_cli_config_file_with_nested_sections(tmp_path, monkeypatch):

@@ -1,7 +1,10 @@
-"""Dataset readers on small files written in the standard layouts (CIFAR-100, MNIST IDX)."""
+"""firm.data: dataset readers on small files written in the standard layouts (CIFAR-100, MNIST IDX,
+MVTec AD folders and masks), validation splits, the data root, normal classes, image arrays and
+unreadable image files."""
 import gzip
 import pickle
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -9,8 +12,9 @@ import torch
 
 from firm.bench import plan_grid
 from firm.config import SettingsError, apply_overrides, preset
-from firm.data import (LAYOUTS, dataset_classes, folder_layout, load_dataset, load_defect_dataset, normal_classes,
-                       read_masks, validation_split)
+from firm.data import (LAYOUTS, as_images, dataset_classes, folder_layout, load_dataset, load_defect_dataset,
+                       load_image_folder, normal_classes, one_class_split, read_masks, resolve_data_root,
+                       validation_split)
 from firm.runner import prepare_data, run, validate
 
 from conftest import write_png
@@ -162,3 +166,62 @@ def test_firm_trains_on_a_defect_folder(mvtec):
     assert data.eval_sets[0][2].tolist() == [0, 0, 1, 1]
     records = run(settings, progress=False, log=lambda message: None).records
     assert [(r["dataset"], r["normal_class"], r["scorer"]) for r in records if r["final"]] == [(str(mvtec), "0", "cos1")]
+
+
+def test_missing_or_empty_data_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("FIRM_DATA_ROOT", raising=False)
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        resolve_data_root(None)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_data_root(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found"):
+        load_dataset("cifar10", tmp_path)
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found"):
+        load_dataset("fashionmnist", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("imagenet", tmp_path)
+
+
+def test_normal_class_outside_the_known_classes_or_empty():
+    train, test = load_dataset("digits")
+    with pytest.raises(ValueError, match="not a class"):
+        one_class_split(train, test, 12)
+    empty = train.subset(torch.nonzero(train.labels != 3).squeeze(1))
+    with pytest.raises(ValueError, match="no training images"):
+        one_class_split(empty, test, 3)
+
+
+def test_image_arrays_are_converted_where_safe_and_refused_where_not():
+    grey = np.zeros((2, 20, 24), dtype=np.uint8)
+    assert as_images(grey).shape == (2, 3, 32, 32)
+    hwc = np.zeros((2, 40, 40, 3), dtype=np.uint8)
+    assert as_images(hwc, size=16).shape == (2, 3, 16, 16)
+    with pytest.warns(UserWarning, match="alpha"):
+        assert as_images(np.zeros((2, 8, 8, 4), dtype=np.uint8)).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="2 channels"):
+        as_images(np.zeros((2, 2, 8, 8), dtype=np.uint8), name="my images")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        as_images(np.full((2, 8, 8), 200.0), name="float images")
+    with pytest.raises(ValueError, match="batch of images"):
+        as_images(np.zeros((8, 8)))
+    floats = as_images(np.full((1, 3, 8, 8), 0.5, dtype=np.float32), size=8)
+    assert int(floats[0, 0, 0, 0]) == 128
+
+
+def test_corrupt_image_files_are_skipped_counted_and_listed(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (10, 12), (255, 0, 0)).save(tmp_path / "good.png")
+    Image.new("L", (50, 30), 128).save(tmp_path / "grey.jpg")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\) of 3: .*broken.png"):
+        found = load_image_folder(tmp_path)
+    assert len(found) == 2 and found.images.shape == (2, 3, 32, 32)
+    (tmp_path / "good.png").unlink()
+    (tmp_path / "grey.jpg").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="could be read"):
+            load_image_folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        load_image_folder(tmp_path / "empty")

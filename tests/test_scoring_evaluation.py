@@ -1,4 +1,5 @@
-"""Scorers on synthetic Gaussian features whose right ranking is known; metrics on hand-made curves."""
+"""Scorers on synthetic Gaussian features whose right ranking is known, and the SVMs' nu setting;
+metrics on hand-made curves."""
 import math
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from firm.config import EvalConfig
+from firm.config import EvalConfig, preset
 from firm.evaluation import aulc, auroc, epochs_to_reach, evaluate_scorers
 from firm.features import TTA_MODES, FeatureSet
 from firm.models import Encoder, ModelConfig
@@ -168,3 +169,12 @@ def test_epochs_to_reach_interpolates():
     assert epochs_to_reach([0, 2, 4], [0.5, 0.7, 0.9], 0.8) == pytest.approx(3.0)
     assert epochs_to_reach([0, 2, 4], [0.5, 0.7, 0.9], 0.5) == 0.0
     assert math.isinf(epochs_to_reach([0, 2], [0.5, 0.6], 0.9))
+
+
+@pytest.mark.parametrize("name", ["ocsvm_rbf", "ocsvm_linear"])
+def test_nu_reaches_scikit_learns_one_class_svm(name):
+    g = torch.Generator().manual_seed(0)
+    bank = FeatureSet(torch.randn(1, 1, 60, 8, generator=g))
+    assert fit_scorers(name, bank)[0].svm_.nu == 0.5                      # EvalConfig(): the authors'
+    assert fit_scorers(name, bank, preset("cpu").eval)[0].svm_.nu == 0.1  # the old value
+    assert fit_scorers(name, bank, EvalConfig(ocsvm_nu=0.3))[0].svm_.nu == 0.3

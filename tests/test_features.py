@@ -1,5 +1,5 @@
-"""The evaluation settings of the authors' experiment (EvalConfig defaults) against the old CPU
-ones, pinned through the one feature path: the test-time zoom, the crop ensemble, the SVMs' nu.
+"""firm.features: the test-time zoom and the crop ensembles, under the authors' evaluation settings
+(EvalConfig) and the cpu preset's.
 
 The "encoder" here returns its input pixels as the feature, so every test sees exactly the views
 the model was given."""
@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from firm.config import EvalConfig, preset
-from firm.features import FeatureSet, center_zoom, extract_features, zoom_size
-from firm.scoring import fit_scorers
+from firm.features import FeatureSet, center_zoom, extract_features
 
 
 class PixelEncoder(torch.nn.Module):
@@ -48,17 +47,6 @@ def reference_zoom(images_uint8: torch.Tensor) -> torch.Tensor:
     where antialiasing changes nothing) and a slice."""
     big = F.interpolate(images_uint8.float() / 255, size=(36, 36), mode="bilinear", align_corners=False)
     return big[..., 2:34, 2:34]
-
-
-def test_eval_config_holds_the_authors_values_and_the_cpu_preset_the_old_ones():
-    paper = EvalConfig()
-    assert paper.center_crop == pytest.approx(32 / 36) and zoom_size(32, paper.center_crop) == 36
-    assert paper.ensemble_crops == 10 and tuple(paper.ensemble_crop_scale) == (0.55, 1.0)
-    assert paper.ensemble_shared_crops is True and paper.ocsvm_nu == 0.5
-    assert preset("paper").eval == paper
-    cpu = preset("cpu").eval
-    assert cpu.center_crop == 1.0 and tuple(cpu.ensemble_crop_scale) == (0.5, 1.0)
-    assert cpu.ensemble_shared_crops is False and cpu.ocsvm_nu == 0.1 and cpu.ensemble_crops == 10
 
 
 def test_test_time_zoom_is_resize_36_then_centre_crop_32():
@@ -124,12 +112,3 @@ def test_crops_are_cut_from_the_zoomed_image_and_follow_the_seed_and_the_setting
     c = extract_features(model, images, "ensemble", seed=4, config=config).features
     assert a.shape[1] == 4 and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a[:, 0], c[:, 0])  # the zoomed view does not depend on the seed
-
-
-@pytest.mark.parametrize("name", ["ocsvm_rbf", "ocsvm_linear"])
-def test_nu_reaches_scikit_learns_one_class_svm(name):
-    g = torch.Generator().manual_seed(0)
-    bank = FeatureSet(torch.randn(1, 1, 60, 8, generator=g))
-    assert fit_scorers(name, bank)[0].svm_.nu == 0.5                      # EvalConfig(): the authors'
-    assert fit_scorers(name, bank, preset("cpu").eval)[0].svm_.nu == 0.1  # the old value
-    assert fit_scorers(name, bank, EvalConfig(ocsvm_nu=0.3))[0].svm_.nu == 0.3
