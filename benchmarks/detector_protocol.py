@@ -3,13 +3,17 @@
 Follows docs/results/detector-protocol/PROTOCOL.md (written before the runs): four development
 units (the real KolektorSDD and MVTec screw test splits and a synthetic held-out split of each),
 seeds 0, 1, 2, three stages (layers, resolution, coreset size) decided one after the other by the
-rule stated there, then the chosen defaults measured through FIRMDetector itself beside a
-raw-pixel kNN baseline and, with --firm, FIRM trained from scratch.
+rule stated there, then the chosen defaults measured through FIRMDetector itself beside the
+other methods of --methods: a raw-pixel kNN baseline, the same patch detector on features
+fine-tuned with FIRM and the synthetic outliers --shifts auto chooses (method finetune), and FIRM
+trained from scratch (method firm).
 
     python benchmarks/detector_protocol.py --root ../shared/data/industrial --out docs/results/detector-protocol
+    python benchmarks/detector_protocol.py --root ../shared/data/industrial --methods finetune,firm --seeds 0
 
-Every finished row is saved in OUT/results.json at once; a rerun skips rows already there, so a
-stopped run resumes. OUT/report.md is rebuilt from results.json at the end (--report-only: only that).
+Every finished row is saved in OUT/results.json at once (merged with the rows another process
+wrote, so that two invocations with different --methods can run side by side); a rerun skips rows
+already there, so a stopped run resumes. OUT/report.md is rebuilt from results.json at the end (--report-only: only that).
 """
 from __future__ import annotations
 
@@ -39,6 +43,11 @@ BASE = {"patch_stages": (2, 3), "pretrained_size": 224, "patch_bank": 4096}
 STAGES = [("patch_stages", [(2, 3), (2,), (3,)]), ("pretrained_size", [160, 224, 288]),
           ("patch_bank", [1024, 4096, 16384])]
 TOLERANCE = 0.005  # a cheaper candidate within this of the best primary figure wins
+# The final rows' methods: the name their rows carry and the detector settings beside the chosen
+# ones (raw_pixel is the kNN baseline, not a detector).
+METHODS = {"raw_pixel": ("raw_pixel_knn", {}), "patch": ("patch_detector", {"method": "patch"}),
+           "finetune": ("patch_finetuned", {"method": "finetune", "shifts": "auto"}),
+           "firm": ("firm_from_scratch", {"method": "firm"})}
 SYNTHETIC_SHARE = 0.2
 PIXEL_SIZE = 64
 
@@ -124,6 +133,8 @@ class Results:
         return key in self.rows
 
     def add(self, row: dict) -> None:
+        if self.path.exists():
+            self.rows.update({r["key"]: r for r in read_json(self.path, "results")})
         self.rows[row["key"]] = row
         write_json(self.path, sorted(self.rows.values(), key=lambda r: r["key"]))
 
@@ -361,7 +372,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/results/detector-protocol")
     p.add_argument("--units", default="kolektorsdd,mvtec_screw,kolektorsdd-synthetic,mvtec_screw-synthetic")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--firm", action="store_true", help="also fit FIRM from scratch (method firm) on every unit and seed")
+    p.add_argument("--methods", default="raw_pixel,patch",
+                   help="comma list of what the final rows measure once the stages are decided: " + ", ".join(METHODS))
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--digits", action="store_true", help="only the small-image check: the detector on each digit")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -395,12 +407,16 @@ def main(argv=None) -> int:
     decided = [stage for stage in stages if stage[2] is not None]
     if len(decided) == len(STAGES) and not args.report_only:
         root = Path(args.root)
-        raw_pixel_rows(results, root, units, seeds)
-        chosen = {"method": "patch", "patch_stages": list(config["patch_stages"]),
-                  "pretrained_size": config["pretrained_size"], "patch_bank": config["patch_bank"]}
-        final_rows(results, root, units, seeds, "patch_detector", chosen)
-        if args.firm:
-            final_rows(results, root, units, seeds, "firm_from_scratch", {"method": "firm"})
+        chosen = {"patch_stages": list(config["patch_stages"]), "pretrained_size": config["pretrained_size"],
+                  "patch_bank": config["patch_bank"]}
+        for method in args.methods.split(","):
+            if method not in METHODS:
+                p.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            if method == "raw_pixel":
+                raw_pixel_rows(results, root, units, seeds)
+            else:
+                name, overrides = METHODS[method]
+                final_rows(results, root, units, seeds, name, {**chosen, **overrides} if method != "firm" else overrides)
     atomic_write(out / "report.md", report(results, units, stages))
     write_json(out / "chosen.json", {"stages_decided": len(decided), "config": config})
     print(f"report written to {out / 'report.md'}")

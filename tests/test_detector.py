@@ -1,12 +1,14 @@
 """firm.detector: FIRMDetector's path and size choice (large normal images get the pretrained patch
 detector at ``pretrained_size``, their aspect ratio kept, or, with method firm, train at
 ``large_image_size`` with the ImageNet stem; small ones train FIRM at ``image_size``; an image size
-the user sets is kept), its score scale (1.0 = the threshold learnt from held-out normal images, in
-the CSV, the maps' index and predict alike) and the warning for images resized far from their shape."""
+the user sets is kept; method finetune tunes the patch network first), its score scale (1.0 = the
+threshold learnt from held-out normal images, in the CSV, the maps' index and predict alike) and the
+warning for images resized far from their shape."""
 import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from firm.cli import main
@@ -14,6 +16,7 @@ from firm.config import apply_overrides, preset
 from firm.data import median_side
 from firm.detector import FIRMDetector
 from firm.inference import score_to_csv
+from firm.models import Encoder
 
 TINY = dict(epochs=1, batch_size=8, width=8, head_layers=1, head_hidden=32, patch_bank=64, holdout=0.25, seed=0)
 TINY_NO_HOLDOUT = dict(epochs=1, batch_size=8, width=8, head_layers=1, head_hidden=32, patch_bank=64, holdout=0)
@@ -110,3 +113,35 @@ def test_fit_from_the_command_line_records_the_chosen_size(tmp_path, capsys):
                  *flags]) == 0
     assert "at 128 px" in capsys.readouterr().out
     assert FIRMDetector.load(tmp_path / "model").image_size == 128
+
+
+def test_method_finetune_tunes_the_patch_network_and_scores_with_its_patch_memory(tmp_path):
+    """method finetune: the patch path's EfficientNet-Lite0 at the images' aspect, trained for
+    finetune_epochs with its stem, first two stages and BatchNorm statistics frozen, then scored
+    by the patch memory like method patch; it saves and loads as fitted."""
+    overrides = dict(method="finetune", pretrained_size=64, finetune_epochs=1, finetune_lr=0.05, finetune_batch_size=8,
+                     patch_bank=64, holdout=0.25, seed=0, shifts="auto")
+    det = FIRMDetector(apply_overrides(preset("detector"), overrides), progress=False).fit(_images(16, 64, 96))
+    assert det.method_ == "finetune" and det.score_ == "patch" and det.bank_ is None
+    assert det.input_shape == (64, 96) and len(det.history_) == 1
+    assert det.settings_.train.shifts == ["cutpaste", "cutpaste_scar"]  # not square: no quarter turns
+    m = det.settings_.model
+    train = det.settings_.train
+    assert (m.frozen_stages, m.freeze_bn, m.head_out, train.lr, train.batch_size) == (2, True, 0, 0.05, 8)
+    pretrained = Encoder(m).state_dict()
+    tuned = det.encoder_.state_dict()
+    changed = {k for k in tuned if not torch.equal(tuned[k], pretrained[k])}
+    assert changed, "fine-tuning changed no weight"
+    assert not any(".stem." in k or "running_" in k for k in changed)  # frozen stem, frozen statistics
+    assert any("held-out check" in note for note in det.notes_)
+    images = _images(4, 64, 96, seed=7)
+    det.save(tmp_path / "model")
+    again = FIRMDetector.load(tmp_path / "model")
+    assert again.method_ == "finetune" and again.score_ == "patch"
+    np.testing.assert_allclose(again.decision_function(images), det.decision_function(images), rtol=1e-5)
+
+
+def test_the_patch_detector_refuses_outlier_images_but_finetune_trains_with_them():
+    settings = apply_overrides(preset("detector"), dict(method="patch", pretrained_size=64, patch_bank=64, holdout=0))
+    with pytest.raises(ValueError, match="pass --method firm"):
+        FIRMDetector(settings, progress=False).fit(_images(12, 64, 64), outliers=_images(8, 64, 64, seed=1))

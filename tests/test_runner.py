@@ -27,7 +27,7 @@ from firm.runner import train_encoder, validate
     ("normal_class", "cat", "'normal_class' must be 0..9 or 'all'"),
     ("image_size", MIN_IMAGE_SIZE - 1, f"'image_size' must be >= {MIN_IMAGE_SIZE}"),
     ("holdout", 1.0, r"'holdout' must be in \[0, 1\)"),
-    ("method", "padim", "unknown detector method 'padim'; choose one of patch, firm, auto"),
+    ("method", "padim", "unknown detector method 'padim'; choose one of patch, finetune, firm, auto"),
     ("score", "mean", "unknown detector score 'mean'; choose one of patch, pooled, auto"),
 ])
 def test_bad_settings_are_refused_with_one_error_type(name, value, message):

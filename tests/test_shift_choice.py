@@ -109,3 +109,12 @@ def test_few_images_need_a_larger_margin_and_tiny_sets_default_to_cut_paste():
     assert needed == pytest.approx(0.5 + 1.5 / math.sqrt(20), abs=0.01)  # three standard errors above chance
     with pytest.raises(ValueError, match="N, C, H, W"):
         choose_shifts(torch.zeros(10, 32, 32, dtype=torch.uint8))
+
+
+def test_images_that_are_not_square_get_cut_paste():
+    """Upright letters stretched to 32 x 48: oriented, but a quarter turn would change their shape."""
+    wide = F.interpolate(letters(60).float(), size=(32, 48), mode="bilinear").to(torch.uint8)
+    shifts, reason = choose_shifts(wide)
+    assert shifts == ["cutpaste", "cutpaste_scar"] and "not square" in reason
+    batch = wide[:4].float() / 255
+    assert build_shifts(shifts)(batch, torch.tensor([0, 1, 2, 1])).shape == batch.shape

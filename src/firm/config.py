@@ -188,9 +188,10 @@ class EvalConfig(_Group):
 
 
 # The detector's methods and image scores: the choices of DetectorConfig.method and .score.
-PATCH, FIRM, POOLED, AUTO = "patch", "firm", "pooled", "auto"
+PATCH, FINETUNE, FIRM, POOLED, AUTO = "patch", "finetune", "firm", "pooled", "auto"
 METHODS: Registry[str] = Registry("detector method", {
     PATCH: "ImageNet-pretrained EfficientNet-Lite0 patch features in a coreset memory, no training",
+    FINETUNE: "the patch detector's network fine-tuned with the loss (FIRM) and shifts on the normal images first",
     FIRM: "an encoder trained with FIRM on the normal images",
 }, keywords={AUTO: "patch for large images when the pretrained weights are installed, firm otherwise"})
 SCORES: Registry[str] = Registry("detector score", {
@@ -210,9 +211,10 @@ class DetectorConfig(_Group):
     holdout: float = 0.1
     """share of normal images held out to set the threshold"""
     method: str = "auto"
-    """patch (ImageNet-pretrained features in a patch memory, no training), firm (an encoder trained with FIRM on the normal
-    images), or auto: patch for images whose median shorter side reaches large_image_size when the pretrained weights are
-    installed, firm otherwise"""
+    """patch (ImageNet-pretrained features in a patch memory, no training), finetune (the same network fine-tuned with the
+    loss and its synthetic outliers on the normal images, then the patch memory), firm (an encoder trained with FIRM on the
+    normal images), or auto: patch for images whose median shorter side reaches large_image_size when the pretrained
+    weights are installed, firm otherwise"""
     score: str = "auto"
     """the image score decision_function returns: patch (PatchCore's score from the patch bank), pooled (the scorer on pooled
     features), or auto: patch for large images, pooled for small ones"""
@@ -224,7 +226,13 @@ class DetectorConfig(_Group):
     coreset_dims: int = 32
     """dimensions of the random projection on which the coreset's distances are measured"""
     pretrained_size: int = 224
-    """shorter side of the images for the pretrained patch detector (method patch)"""
+    """shorter side of the images for the pretrained patch detector (methods patch and finetune)"""
+    finetune_epochs: int = 5
+    """epochs of method finetune (its stem, first two stages and BatchNorm statistics stay frozen, as MSC's)"""
+    finetune_lr: float = 1e-3
+    """peak learning rate of method finetune (SGD, one-cycle schedule)"""
+    finetune_batch_size: int = 16
+    """batch size of method finetune (inliers and outliers; each in two views): large images need small batches"""
     max_aspect: float = 4.0
     """the pretrained patch detector keeps the images' median aspect ratio (width / height) up to this, instead of squashing
     them to a square"""
@@ -455,6 +463,7 @@ _RANGES: dict[str, _Range] = {
     "ensemble_crop_scale": _Range(0, 1, open_low=True), "ocsvm_nu": _Range(0, 1, open_low=True),
     "target_fpr": _SHARE, "contamination": _SHARE, "holdout": _Range(0, 1, open_high=True), "patch_bank": _COUNT,
     "large_image_size": _COUNT, "patch_stages": _Range(1, 4), "coreset_dims": _Range(1), "pretrained_size": _Range(32),
+    "finetune_epochs": _Range(1), "finetune_lr": _POSITIVE, "finetune_batch_size": _Range(2),
     "max_aspect": _Range(1),
 }
 _CHANNELS = (1, 3)  # grey or colour: what the image readers produce

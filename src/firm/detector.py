@@ -6,12 +6,17 @@
     det.anomaly_maps(new_images)                              # (N, H, W) heat maps on the same scale
     det.save("model/"); FIRMDetector.load("model/")
 
-The detector takes one of two paths (:data:`firm.config.METHODS`), chosen from the images unless set:
+The detector takes one of three paths (:data:`firm.config.METHODS`), the first or the last chosen
+from the images unless set:
 
 * ``patch`` (large images, when the ImageNet weights of EfficientNet-Lite0 are installed, the
   ``pretrained`` extra): no training; patch features of the pretrained network fill a greedy
   coreset memory (:class:`~firm.maps.PatchBank`), and an image's score is PatchCore's re-weighted
   distance of its most unusual patch. Images keep their median aspect ratio.
+* ``finetune`` (only when asked for): the same network is first fine-tuned with the loss and its
+  synthetic outliers on the normal images (``finetune_epochs``, ``finetune_lr``,
+  ``finetune_batch_size``; stem, first two stages and BatchNorm statistics frozen), then scored
+  as ``patch``.
 * ``firm`` (small images, or without the weights): an encoder trained with FIRM on the normal
   images; images are scored by a scorer on pooled features (or, for large images, by the patch
   bank on the trained encoder).
@@ -34,7 +39,7 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
-from .config import AUTO, FIRM, PATCH, POOLED, DataConfig, ModelConfig, Settings, apply_overrides, preset
+from .config import AUTO, FINETUNE, FIRM, PATCH, POOLED, DataConfig, ModelConfig, Settings, apply_overrides, preset
 from .data import image_sides, input_shape, is_paths, read_images
 from .efficientnet import WeightsMissing, packaged_weights
 from .features import FeatureSet, extract_features
@@ -83,17 +88,19 @@ def choose_method(settings: Settings, sides: list[tuple[int, int]]) -> tuple[str
     return PATCH, True, f"images of {side} px (median shorter side): pretrained patch detector, no training"
 
 
-def pretrained_model(settings: Settings, sides: list[tuple[int, int]]) -> ModelConfig:
+def pretrained_model(settings: Settings, sides: list[tuple[int, int]], finetune: bool = False) -> ModelConfig:
     """The model settings of the patch path: EfficientNet-Lite0 with its packaged ImageNet
     weights, at ``pretrained_size`` on the shorter side and the images' median aspect ratio
-    (clipped to ``max_aspect``)."""
+    (clipped to ``max_aspect``). ``finetune``: as MSC fine-tunes, the stem, the first two stages
+    and the BatchNorm statistics frozen and no projection head (the loss sees the pooled features)."""
     d = settings.detector
     aspect = float(np.median([w / h for h, w in sides])) if sides else 1.0
     aspect = min(max(aspect, 1 / d.max_aspect), d.max_aspect)
     if abs(np.log(aspect)) < np.log(1.25):
         aspect = 1.0  # near-square images are read square
-    return ModelConfig(backbone=_PATCH_BACKBONE, weights=PACKAGED, init="pytorch", head_layers=0, head_out=128,
-                       image_size=d.pretrained_size, aspect=round(aspect, 4), in_channels=3)
+    return ModelConfig(backbone=_PATCH_BACKBONE, weights=PACKAGED, init="pytorch", head_layers=0,
+                       head_out=0 if finetune else 128, image_size=d.pretrained_size, aspect=round(aspect, 4),
+                       in_channels=3, frozen_stages=2 if finetune else 0, freeze_bn=finetune)
 
 
 SQUEEZE_WARNING = 1.3
@@ -165,7 +172,7 @@ class FIRMDetector(BaseEstimator):
 
     def fit(self, X, y=None, outliers=None, run_dir: str | os.PathLike | None = None,
             resume: bool = False) -> "FIRMDetector":
-        """Fit on normal images ``X`` (a folder, image paths, or an array). On the firm path,
+        """Fit on normal images ``X`` (a folder, image paths, or an array). On the trained paths,
         ``outliers`` (optional) are real auxiliary images used instead of synthetic outliers
         (Outlier Exposure), and with ``run_dir`` the training log and checkpoints go there
         (``resume=True`` continues a killed fit). ``y`` is ignored."""
@@ -174,9 +181,9 @@ class FIRMDetector(BaseEstimator):
         method, large, note = choose_method(s, sides)
         notes = [note]
         self._log(note)
-        if method == PATCH:
-            s.model = pretrained_model(s, sides)
-            if outliers is not None:
+        if method in (PATCH, FINETUNE):
+            s.model = pretrained_model(s, sides, finetune=method == FINETUNE)
+            if outliers is not None and method == PATCH:
                 raise ValueError("outlier images are used for training, and the patch detector trains nothing: "
                                  "pass --method firm to train with them")
         elif large:
@@ -189,13 +196,19 @@ class FIRMDetector(BaseEstimator):
         images, paths = read_images(X, shape, m.in_channels, name="normal images")
         train_idx, hold_idx = self._split(s, len(images))
         self.method_ = method
-        self.score_ = s.detector.score if s.detector.score != AUTO else (PATCH if large else POOLED)
+        if method != FIRM:  # the pretrained paths keep no pooled bank: their score is the patch memory's
+            self.score_, self.bank_ = PATCH, None
+        else:
+            self.score_ = s.detector.score if s.detector.score != AUTO else (PATCH if large else POOLED)
         if self.score_ == PATCH and s.detector.patch_bank == 0:
             raise ValueError("score patch needs a patch bank: set patch_bank > 0 (e.g. --patch-bank 4096)")
         train = images[train_idx]
+        if method == FINETUNE:
+            d = s.detector
+            s.train = dataclasses.replace(s.train, epochs=d.finetune_epochs, lr=d.finetune_lr,
+                                          batch_size=d.finetune_batch_size)
         if method == PATCH:
-            encoder, self.history_, self.bank_ = Encoder(m).eval(), [], None
-            self.score_ = PATCH
+            encoder, self.history_ = Encoder(m).eval(), []
         else:
             aux = read_images(outliers, shape, m.in_channels, name="outlier images")[0] if outliers is not None else None
             trained = train_encoder(s, train, auxiliary=aux, files=train_files(run_dir) if run_dir is not None else None,
@@ -220,7 +233,7 @@ class FIRMDetector(BaseEstimator):
             self._fit_pooled(train)
         d = s.detector
         self.patches_ = (PatchBank(self.encoder_, stages=d.patch_stages, coreset=1.0, max_bank=d.patch_bank,
-                                   projection_dim=d.coreset_dims, max_grid=1000 if method == PATCH else 32,
+                                   projection_dim=d.coreset_dims, max_grid=32 if method == FIRM else 1000,
                                    seed=s.train.seed, progress=self.progress).fit(train)
                          if d.patch_bank > 0 else None)
         self.score_scale_ = self.map_scale_ = None
@@ -404,7 +417,7 @@ class FIRMDetector(BaseEstimator):
         encoder, settings, state, bank = load_model_dir(directory, device)
         d = settings.detector
         method = d.method if d.method != AUTO else FIRM  # folders of older versions hold the firm path
-        if bank is None and method != PATCH:
+        if bank is None and method == FIRM:
             raise ModelFileError(f"{directory} holds no feature bank; it was not saved by a fitted detector")
         settings.train.device = str(device)
         det = cls(settings, progress=progress)

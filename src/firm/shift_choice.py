@@ -130,7 +130,8 @@ def choose_shifts(images: Tensor, seed: int = 0, max_images: int = 1000) -> tupl
     (the paper's outliers, all three turns). Otherwise they are taken as rotation-invariant and
     the choice is ``["cutpaste", "cutpaste_scar"]``: local defects, outliers of any image, the
     two kinds the CutPaste paper's best detector used together, and the authors' outliers for
-    MVTec AD in some versions of their code. Fewer than 4 images cannot be tested: cut-paste.
+    MVTec AD in some versions of their code. Fewer than 4 images cannot be tested, and images
+    that are not square cannot be turned by a quarter without changing their shape: cut-paste.
 
     A cheap proxy: a CNN sees orientation that these descriptors miss, so natural photos with a
     weak orientation (animals in varied poses) get cut-paste; set the shifts by hand to override.
@@ -143,6 +144,9 @@ def choose_shifts(images: Tensor, seed: int = 0, max_images: int = 1000) -> tupl
     n = len(images)
     if n < 4:
         return cut, f"only {n} normal image(s): too few to test for an orientation, so cut-paste defects"
+    if images.shape[-1] != images.shape[-2]:
+        return cut, (f"images of {images.shape[-1]} x {images.shape[-2]} px are not square: a quarter turn would "
+                     "change their shape, so cut-paste defects")
     gen = torch.Generator().manual_seed(seed)
     if n > max_images:
         images = images[torch.randperm(n, generator=gen)[:max_images].to(images.device)]
