@@ -50,6 +50,7 @@ METHODS = {"raw_pixel": ("raw_pixel_knn", {}), "patch": ("patch_detector", {"met
            "firm": ("firm_from_scratch", {"method": "firm"})}
 SYNTHETIC_SHARE = 0.2
 PIXEL_SIZE = 64
+SMALL_SIZE = 64  # the patch path's side for small images (addendum 2)
 
 
 # ------------------------------------------------------------------ units
@@ -111,6 +112,19 @@ def unit_shape(root: Path, unit: str, size: int) -> tuple[int, int]:
     sides = image_sides(root / unit.removesuffix("-synthetic") / "train" / "good")
     m = pretrained_model(settings, sides)
     return input_shape(m.image_size, m.aspect)
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory in MB. On Linux from /proc (VmHWM starts afresh at exec),
+    because ``ru_maxrss`` keeps the parent's peak across fork and exec, so a row measured in a
+    subprocess of a large parent would report the parent's memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def figures(scores: torch.Tensor, y: torch.Tensor, maps: torch.Tensor | None, masks) -> dict:
@@ -260,7 +274,7 @@ def detector_row(root: str, unit: str, seed: int, overrides: dict) -> dict:
     score_s = time.perf_counter() - start
     return {"fit_seconds": fit_s, "score_seconds": score_s, "images_per_second": len(test) / score_s,
             "method_used": det.method_, "score_used": det.score_, "shape": list(det.input_shape),
-            "train_images": len(det.train_paths_), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "train_images": len(det.train_paths_), "peak_rss_mb": peak_mb(),
             "threads": torch.get_num_threads(), **figures(scores, y, maps, masks)}
 
 
@@ -275,8 +289,46 @@ def digits_row(digit: int, seed: int) -> dict:
     fit_s = time.perf_counter() - start
     scores = det.decision_function(test.images)
     return {"fit_seconds": fit_s, "method_used": det.method_, "score_used": det.score_,
-            "shape": list(det.input_shape), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "shape": list(det.input_shape), "peak_rss_mb": peak_mb(),
             "image_auroc": auroc(scores, (test.labels != digit).long().numpy())}
+
+
+def small_row(dataset: str, data_root: str | None, normal: int, seed: int, overrides: dict) -> dict:
+    """The patch detector on a small-image data set (addendum 2 of the protocol): one class's
+    training split normal, the whole test split scored by ``decision_function``."""
+    from firm.data import load_dataset
+    train, test = load_dataset(dataset, data_root, size=32 if dataset != "digits" else 8)
+    det = FIRMDetector(apply_overrides(preset("detector"), {**overrides, "seed": seed}), progress=False)
+    start = time.perf_counter()
+    det.fit(train.images[train.labels == normal])
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = det.decision_function(test.images)
+    score_s = time.perf_counter() - start
+    return {"fit_seconds": fit_s, "score_seconds": score_s, "method_used": det.method_, "score_used": det.score_,
+            "shape": list(det.input_shape), "train_images": int((train.labels == normal).sum()),
+            "test_images": len(test), "peak_rss_mb": peak_mb(),
+            "image_auroc": auroc(scores, (test.labels != normal).long().numpy())}
+
+
+def small_rows(results: Results, data_root: str | None, config: dict, seeds) -> None:
+    """Addendum 2: the patch path at SMALL_SIZE px on each digit and each CIFAR-10 class."""
+    overrides = {"method": "patch", "pretrained_size": SMALL_SIZE, "patch_stages": list(config["patch_stages"]),
+                 "patch_bank": config["patch_bank"]}
+    for dataset in ("digits", "cifar10"):
+        for normal in range(10):
+            for seed in seeds:
+                key = f"small/patch{SMALL_SIZE}/{dataset}-c{normal}/s{seed}"
+                if key in results:
+                    continue
+                args = json.dumps([dataset, data_root, normal, seed, overrides])
+                out = subprocess.run([sys.executable, __file__, "--one-small", args], capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"{key} failed:\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                results.add({"key": key, "stage": "small", "method": f"patch{SMALL_SIZE}", "unit": f"{dataset}-c{normal}",
+                             "dataset": dataset, "seed": seed, "overrides": overrides, **row})
+                print(f"{key}: image AUROC {row['image_auroc']:.4f}, fit {row['fit_seconds']:.0f} s", flush=True)
 
 
 def digits_rows(results: Results, seeds) -> None:
@@ -353,6 +405,24 @@ def report(results: Results, units: list[str], stages: list[tuple[str, list[dict
                              f"{_fmt(_mean(rows, 'fit_seconds'), 1)} | {_fmt(_mean(rows, 'images_per_second'), 1)} | "
                              f"{_fmt(_mean(rows, 'peak_rss_mb'), 0)} |")
         lines.append("")
+    small = sorted((r for r in results.rows.values() if r["stage"] == "small"), key=lambda r: (r["dataset"], r["key"]))
+    if small:
+        firm_digits = {}
+        if (results.path.parent / "digits" / "results.json").exists():
+            firm_digits = {r["unit"].removeprefix("digit"): r["image_auroc"]
+                           for r in read_json(results.path.parent / "digits" / "results.json", "results") if r["seed"] == 0}
+        lines += [f"## Small images: the patch path at {SMALL_SIZE} px (addendum 2)", "",
+                  "| data set | normal class | seed | image AUROC, patch | image AUROC, FIRM from scratch (digits/) | fit s |",
+                  "|---|---|---|---|---|---|"]
+        for r in small:
+            c = r["unit"].rsplit("-c", 1)[1]
+            firm = firm_digits.get(c) if r["dataset"] == "digits" else None
+            lines.append(f"| {r['dataset']} | {c} | {r['seed']} | {r['image_auroc']:.4f} | {_fmt(firm, 4)} | "
+                         f"{r['fit_seconds']:.0f} |")
+        for dataset in sorted({r["dataset"] for r in small}):
+            values = [r["image_auroc"] for r in small if r["dataset"] == dataset]
+            lines.append(f"\n{dataset}: mean over {len(values)} classes {np.mean(values):.4f} (min {min(values):.4f}).")
+        lines.append("")
     digits = sorted((r for r in results.rows.values() if r["stage"] == "digits"), key=lambda r: r["key"])
     if digits:
         values = [r["image_auroc"] for r in digits]
@@ -377,10 +447,17 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--digits", action="store_true", help="only the small-image check: the detector on each digit")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--small", action="store_true",
+                   help="only addendum 2: the patch path for small images, on the digits and CIFAR-10 (--data-root)")
+    p.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (for --small)")
     p.add_argument("--one-digit", help=argparse.SUPPRESS)
+    p.add_argument("--one-small", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one_digit:
         print(json.dumps(digits_row(*json.loads(args.one_digit))))
+        return 0
+    if args.one_small:
+        print(json.dumps(small_row(*json.loads(args.one_small))))
         return 0
     if args.one:
         root, unit, seed, overrides = json.loads(args.one)
@@ -397,7 +474,7 @@ def main(argv=None) -> int:
     config, stages = dict(BASE), []
     for name, values in STAGES:
         candidates = [{**config, name: v} for v in values]
-        if not args.report_only:
+        if not args.report_only and not args.small:
             selection_rows(results, Path(args.root), units, candidates, seeds)
         winner, table = choose(results, units, candidates)
         stages.append((name, candidates, winner, table))
@@ -405,7 +482,9 @@ def main(argv=None) -> int:
             break
         config = winner
     decided = [stage for stage in stages if stage[2] is not None]
-    if len(decided) == len(STAGES) and not args.report_only:
+    if args.small and len(decided) == len(STAGES):
+        small_rows(results, args.data_root, config, seeds)
+    elif len(decided) == len(STAGES) and not args.report_only:
         root = Path(args.root)
         chosen = {"patch_stages": list(config["patch_stages"]), "pretrained_size": config["pretrained_size"],
                   "patch_bank": config["patch_bank"]}
