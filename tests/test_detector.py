@@ -80,8 +80,8 @@ def test_firm_method_picks_the_size_from_the_images(side, expected, stem):
 
 
 @pytest.mark.parametrize("height, width, method, shape", [
-    (160, 160, "patch", (224, 224)),   # large: the pretrained patch detector, square
-    (120, 300, "patch", (224, 560)),   # long thin parts keep their aspect ratio (2.5)
+    (160, 160, "patch", (288, 288)),   # large: the pretrained patch detector, square
+    (120, 300, "patch", (288, 720)),   # long thin parts keep their aspect ratio (2.5)
     (40, 40, "firm", (32, 32)),        # small: FIRM from scratch, as before
     (8, 8, "firm", (32, 32)),          # digits-sized
 ])

@@ -225,7 +225,7 @@ class DetectorConfig(_Group):
     """backbone stages whose feature maps make the patch features (1-4: strides 4, 8, 16, 32)"""
     coreset_dims: int = 32
     """dimensions of the random projection on which the coreset's distances are measured"""
-    pretrained_size: int = 224
+    pretrained_size: int = 288
     """shorter side of the images for the pretrained patch detector (methods patch and finetune)"""
     finetune_epochs: int = 5
     """epochs of method finetune (its stem, first two stages and BatchNorm statistics stay frozen, as MSC's)"""
