@@ -30,7 +30,7 @@ from firm.serialization import load_tensors
 
 
 SMALL = ["--width", "4", "--head-hidden", "16", "--head-layers", "1", "--batch-size", "16", "--device", "cpu", "--quiet"]
-FIT = [*SMALL, "--epochs", "1"]
+FIT = [*SMALL, "--epochs", "1", "--method", "firm"]  # these tests train: the firm path
 TRAIN = [*SMALL, "--epochs", "1", "--dataset", "digits", "--train-images", "30", "--eval-every", "0"]
 
 
@@ -311,7 +311,7 @@ def test_image_size_zero_is_a_clear_error(tmp_path, capsys, monkeypatch, folders
 # --------------------------------------------------------------- a killed fit resumes
 @pytest.mark.slow
 def test_killed_fit_resumes_to_the_same_weights(tmp_path, folders):
-    args = ["--normal-dir", str(folders / "normal"), *SMALL, "--epochs", "6", "--checkpoint-every", "1"]
+    args = ["--normal-dir", str(folders / "normal"), *SMALL, "--method", "firm", "--epochs", "6", "--checkpoint-every", "1"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "firm", "fit", *args, "--out", str(killed)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

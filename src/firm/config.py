@@ -193,11 +193,11 @@ METHODS: Registry[str] = Registry("detector method", {
     PATCH: "ImageNet-pretrained EfficientNet-Lite0 patch features in a coreset memory, no training",
     FINETUNE: "the patch detector's network fine-tuned with the loss (FIRM) and shifts on the normal images first",
     FIRM: "an encoder trained with FIRM on the normal images",
-}, keywords={AUTO: "patch for large images when the pretrained weights are installed, firm otherwise"})
+}, keywords={AUTO: "patch when the pretrained weights are installed and no image size is set, firm otherwise"})
 SCORES: Registry[str] = Registry("detector score", {
     PATCH: "PatchCore's re-weighted distance of the image's most unusual patch",
     POOLED: "the eval scorer (cos1, ...) on pooled features",
-}, keywords={AUTO: "patch for large images, pooled for small ones"})
+}, keywords={AUTO: "patch on the pretrained paths, pooled on the firm path of small images"})
 
 
 @dataclass
@@ -213,11 +213,11 @@ class DetectorConfig(_Group):
     method: str = "auto"
     """patch (ImageNet-pretrained features in a patch memory, no training), finetune (the same network fine-tuned with the
     loss and its synthetic outliers on the normal images, then the patch memory), firm (an encoder trained with FIRM on the
-    normal images), or auto: patch for images whose median shorter side reaches large_image_size when the pretrained
-    weights are installed, firm otherwise"""
+    normal images), or auto: patch when the pretrained weights are installed (large images at pretrained_size, smaller
+    ones upsampled to small_pretrained_size), firm otherwise or when image_size is set"""
     score: str = "auto"
     """the image score decision_function returns: patch (PatchCore's score from the patch bank), pooled (the scorer on pooled
-    features), or auto: patch for large images, pooled for small ones"""
+    features), or auto: patch on the pretrained paths and for large images, pooled for small ones on the firm path"""
     patch_bank: int = 4096
     """patches kept in the detector's patch bank (a greedy coreset): the memory, and the search per test patch, are bounded
     by it; 0 = no patch bank (pooled scores only, no maps)"""
@@ -226,7 +226,9 @@ class DetectorConfig(_Group):
     coreset_dims: int = 32
     """dimensions of the random projection on which the coreset's distances are measured"""
     pretrained_size: int = 288
-    """shorter side of the images for the pretrained patch detector (methods patch and finetune)"""
+    """shorter side of large images for the pretrained patch detector (methods patch and finetune)"""
+    small_pretrained_size: int = 64
+    """shorter side small images (below large_image_size) are upsampled to for the pretrained patch detector"""
     finetune_epochs: int = 5
     """epochs of method finetune (its stem, first two stages and BatchNorm statistics stay frozen, as MSC's)"""
     finetune_lr: float = 1e-3
@@ -237,8 +239,8 @@ class DetectorConfig(_Group):
     """the pretrained patch detector keeps the images' median aspect ratio (width / height) up to this, instead of squashing
     them to a square"""
     large_image_size: int = 0
-    """images whose median shorter side reaches this are large: method auto takes the patch detector for them, and method
-    firm trains at this side; 0 = off, as is any explicit image_size"""
+    """images whose median shorter side reaches this are large: the patch detector reads them at pretrained_size, and
+    method firm trains at this side; 0 = off, as is any explicit image_size (then method auto trains FIRM at it)"""
 
 
 @dataclass
@@ -463,7 +465,8 @@ _RANGES: dict[str, _Range] = {
     "ensemble_crop_scale": _Range(0, 1, open_low=True), "ocsvm_nu": _Range(0, 1, open_low=True),
     "target_fpr": _SHARE, "contamination": _SHARE, "holdout": _Range(0, 1, open_high=True), "patch_bank": _COUNT,
     "large_image_size": _COUNT, "patch_stages": _Range(1, 4), "coreset_dims": _Range(1), "pretrained_size": _Range(32),
-    "finetune_epochs": _Range(1), "finetune_lr": _POSITIVE, "finetune_batch_size": _Range(2),
+    "small_pretrained_size": _Range(32), "finetune_epochs": _Range(1), "finetune_lr": _POSITIVE,
+    "finetune_batch_size": _Range(2),
     "max_aspect": _Range(1),
 }
 _CHANNELS = (1, 3)  # grey or colour: what the image readers produce

@@ -9,15 +9,15 @@
 The detector takes one of three paths (:data:`firm.config.METHODS`), the first or the last chosen
 from the images unless set:
 
-* ``patch`` (large images, when the ImageNet weights of EfficientNet-Lite0 are installed, the
-  ``pretrained`` extra): no training; patch features of the pretrained network fill a greedy
-  coreset memory (:class:`~firm.maps.PatchBank`), and an image's score is PatchCore's re-weighted
-  distance of its most unusual patch. Images keep their median aspect ratio.
+* ``patch`` (when the ImageNet weights of EfficientNet-Lite0 are installed, the ``pretrained``
+  extra): no training; patch features of the pretrained network fill a greedy coreset memory
+  (:class:`~firm.maps.PatchBank`), and an image's score is PatchCore's re-weighted distance of its
+  most unusual patch. Images keep their median aspect ratio; small ones are upsampled.
 * ``finetune`` (only when asked for): the same network is first fine-tuned with the loss and its
   synthetic outliers on the normal images (``finetune_epochs``, ``finetune_lr``,
   ``finetune_batch_size``; stem, first two stages and BatchNorm statistics frozen), then scored
   as ``patch``.
-* ``firm`` (small images, or without the weights): an encoder trained with FIRM on the normal
+* ``firm`` (without the weights, or with an image size set): an encoder trained with FIRM on the normal
   images; images are scored by a scorer on pooled features (or, for large images, by the patch
   bank on the trained encoder).
 
@@ -70,37 +70,43 @@ _PATCH_BACKBONE = "efficientnet_lite0"
 
 def choose_method(settings: Settings, sides: list[tuple[int, int]]) -> tuple[str, bool, str]:
     """``(method, large, note)`` for normal images of ``sides`` ``(height, width)``: ``large`` when
-    their median shorter side reaches ``large_image_size``; method ``auto`` becomes ``patch`` for
-    large images if the pretrained weights are installed, else ``firm``; ``note`` says why."""
+    their median shorter side reaches ``large_image_size``; method ``auto`` becomes ``patch`` if the
+    pretrained weights are installed (large images at ``pretrained_size``, smaller ones upsampled to
+    ``small_pretrained_size``), else ``firm``, and ``firm`` when an image size is set (then
+    ``large_image_size`` is 0); ``note`` says why."""
     d = settings.detector
     side = int(np.median([min(s) for s in sides])) if sides else 0
     large = bool(d.large_image_size) and side >= d.large_image_size
     if d.method != AUTO:
         return d.method, large, f"method {d.method} (set); images of {side} px (median shorter side)"
-    if not large:
-        return FIRM, False, (f"images of {side} px (median shorter side) < large_image_size {d.large_image_size}: "
-                             "FIRM trained from scratch")
+    if not d.large_image_size:
+        return FIRM, False, f"image size {settings.model.image_size} px set: FIRM trained from scratch at that size"
     try:
         packaged_weights()
     except WeightsMissing as e:
-        return FIRM, True, (f"images of {side} px: the pretrained patch detector would fit them better, but {e}; "
-                            "falling back to FIRM trained from scratch")
-    return PATCH, True, f"images of {side} px (median shorter side): pretrained patch detector, no training"
+        return FIRM, large, (f"images of {side} px: the pretrained patch detector would fit them better, but {e}; "
+                             "falling back to FIRM trained from scratch")
+    size = d.pretrained_size if large else d.small_pretrained_size
+    return PATCH, large, (f"images of {side} px (median shorter side): pretrained patch detector at {size} px, "
+                          "no training")
 
 
 def pretrained_model(settings: Settings, sides: list[tuple[int, int]], finetune: bool = False) -> ModelConfig:
     """The model settings of the patch path: EfficientNet-Lite0 with its packaged ImageNet
-    weights, at ``pretrained_size`` on the shorter side and the images' median aspect ratio
-    (clipped to ``max_aspect``). ``finetune``: as MSC fine-tunes, the stem, the first two stages
-    and the BatchNorm statistics frozen and no projection head (the loss sees the pooled features)."""
+    weights, at ``pretrained_size`` on the shorter side (``small_pretrained_size`` for images below
+    ``large_image_size``) and the images' median aspect ratio (clipped to ``max_aspect``).
+    ``finetune``: as MSC fine-tunes, the stem, the first two stages and the BatchNorm statistics
+    frozen and no projection head (the loss sees the pooled features)."""
     d = settings.detector
     aspect = float(np.median([w / h for h, w in sides])) if sides else 1.0
     aspect = min(max(aspect, 1 / d.max_aspect), d.max_aspect)
     if abs(np.log(aspect)) < np.log(1.25):
         aspect = 1.0  # near-square images are read square
+    side = int(np.median([min(s) for s in sides])) if sides else 0
+    small = bool(d.large_image_size) and side < d.large_image_size
     return ModelConfig(backbone=_PATCH_BACKBONE, weights=PACKAGED, init="pytorch", head_layers=0,
-                       head_out=0 if finetune else 128, image_size=d.pretrained_size, aspect=round(aspect, 4),
-                       in_channels=3, frozen_stages=2 if finetune else 0, freeze_bn=finetune)
+                       head_out=0 if finetune else 128, image_size=d.small_pretrained_size if small else d.pretrained_size,
+                       aspect=round(aspect, 4), in_channels=3, frozen_stages=2 if finetune else 0, freeze_bn=finetune)
 
 
 SQUEEZE_WARNING = 1.3
