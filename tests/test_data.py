@@ -12,7 +12,7 @@ import torch
 
 from firm.bench import plan_grid
 from firm.config import SettingsError, apply_overrides, preset
-from firm.data import (LAYOUTS, as_images, dataset_classes, folder_layout, load_dataset, load_defect_dataset,
+from firm.data import (LAYOUTS, as_images, folder_layout, load_dataset, load_defect_dataset,
                        load_image_folder, normal_classes, one_class_split, read_masks, resolve_data_root,
                        validation_split)
 from firm.runner import prepare_data, run, validate
@@ -137,7 +137,7 @@ def test_a_defect_folder_is_a_dataset_by_its_layout(mvtec, tmp_path):
     train, test = load_dataset(str(mvtec), size=16)
     assert len(train) == 3 and test.labels.tolist() == [0, 0, 1, 1] and test.masks.shape == (4, 16, 16)
     assert test.subset([2, 0]).masks.sum(dim=(1, 2)).tolist() == [int(test.masks[2].sum()), 0]
-    assert dataset_classes(str(mvtec)) == ["good", "defect"] and normal_classes(str(mvtec)) == [0]
+    assert train.classes == test.classes == ["good", "defect"] and normal_classes(str(mvtec)) == [0]
     plain = mvtec / "train"
     assert folder_layout(plain) is LAYOUTS.get("images") and normal_classes(str(plain)) == []
     folder_train, folder_test = load_dataset(str(plain), size=16)

@@ -27,7 +27,7 @@ __all__ = [
     "resolve_data_root", "load_dataset", "as_images", "as_nchw",
     "load_image_folder", "eight_bit", "find_images", "image_shape", "is_paths", "image_sides", "median_side", "read_images",
     "subsample", "one_class_split", "validation_split", "IMAGE_EXTENSIONS", "FolderLayout", "LAYOUTS", "folder_layout",
-    "is_defect_folder", "load_defect_dataset", "read_masks", "dataset_classes", "normal_classes",
+    "is_defect_folder", "load_defect_dataset", "read_masks", "normal_classes",
 ]
 
 DATA_ROOT_ENV = "FIRM_DATA_ROOT"
@@ -663,12 +663,6 @@ LAYOUTS: Registry[FolderLayout] = Registry("folder layout", {
 def folder_layout(root: str | os.PathLike) -> FolderLayout:
     """The layout of folder ``root``: the first entry of :data:`LAYOUTS` that matches it."""
     return next(entry for name in LAYOUTS.names if (entry := LAYOUTS.get(name)).matches(Path(root)))
-
-
-def dataset_classes(name: str) -> list[str]:
-    """The class names of dataset ``name`` (a registered name, or a folder by its layout)."""
-    key = canonical_dataset(name)
-    return DATASETS.get(key).classes if key in DATASETS else folder_layout(key).classes
 
 
 def normal_classes(name: str) -> list[int]:
