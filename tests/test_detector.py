@@ -141,7 +141,7 @@ def test_method_finetune_tunes_the_patch_network_and_scores_with_its_patch_memor
     np.testing.assert_allclose(again.decision_function(images), det.decision_function(images), rtol=1e-5)
 
 
-def test_the_patch_detector_refuses_outlier_images_but_finetune_trains_with_them():
+def test_the_patch_detector_refuses_outlier_images():
     settings = apply_overrides(preset("detector"), dict(method="patch", pretrained_size=64, patch_bank=64, holdout=0))
     with pytest.raises(ValueError, match="pass --method firm"):
         FIRMDetector(settings, progress=False).fit(_images(12, 64, 64), outliers=_images(8, 64, 64, seed=1))

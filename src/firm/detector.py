@@ -91,10 +91,12 @@ def choose_method(settings: Settings, sides: list[tuple[int, int]]) -> tuple[str
                           "no training")
 
 
-def pretrained_model(settings: Settings, sides: list[tuple[int, int]], finetune: bool = False) -> ModelConfig:
+def pretrained_model(settings: Settings, sides: list[tuple[int, int]], large: bool = True,
+                     finetune: bool = False) -> ModelConfig:
     """The model settings of the patch path: EfficientNet-Lite0 with its packaged ImageNet
-    weights, at ``pretrained_size`` on the shorter side (``small_pretrained_size`` for images below
-    ``large_image_size``) and the images' median aspect ratio (clipped to ``max_aspect``).
+    weights, at ``pretrained_size`` on the shorter side (``small_pretrained_size`` for images that
+    :func:`choose_method` found below ``large_image_size``: ``large`` false) and the images' median
+    aspect ratio (clipped to ``max_aspect``).
     ``finetune``: as MSC fine-tunes, the stem, the first two stages and the BatchNorm statistics
     frozen and no projection head (the loss sees the pooled features)."""
     d = settings.detector
@@ -102,8 +104,7 @@ def pretrained_model(settings: Settings, sides: list[tuple[int, int]], finetune:
     aspect = min(max(aspect, 1 / d.max_aspect), d.max_aspect)
     if abs(np.log(aspect)) < np.log(1.25):
         aspect = 1.0  # near-square images are read square
-    side = int(np.median([min(s) for s in sides])) if sides else 0
-    small = bool(d.large_image_size) and side < d.large_image_size
+    small = bool(d.large_image_size) and not large  # large_image_size 0: no size class, pretrained_size
     return ModelConfig(backbone=_PATCH_BACKBONE, weights=PACKAGED, init="pytorch", head_layers=0,
                        head_out=0 if finetune else 128, image_size=d.small_pretrained_size if small else d.pretrained_size,
                        aspect=round(aspect, 4), in_channels=3, frozen_stages=2 if finetune else 0, freeze_bn=finetune)
@@ -188,7 +189,7 @@ class FIRMDetector(BaseEstimator):
         notes = [note]
         self._log(note)
         if method in (PATCH, FINETUNE):
-            s.model = pretrained_model(s, sides, finetune=method == FINETUNE)
+            s.model = pretrained_model(s, sides, large, finetune=method == FINETUNE)
             if outliers is not None and method == PATCH:
                 raise ValueError("outlier images are used for training, and the patch detector trains nothing: "
                                  "pass --method firm to train with them")
@@ -210,9 +211,8 @@ class FIRMDetector(BaseEstimator):
             raise ValueError("score patch needs a patch bank: set patch_bank > 0 (e.g. --patch-bank 4096)")
         train = images[train_idx]
         if method == FINETUNE:
-            d = s.detector
-            s.train = dataclasses.replace(s.train, epochs=d.finetune_epochs, lr=d.finetune_lr,
-                                          batch_size=d.finetune_batch_size)
+            s.train = dataclasses.replace(s.train, epochs=s.detector.finetune_epochs, lr=s.detector.finetune_lr,
+                                          batch_size=s.detector.finetune_batch_size)
         if method == PATCH:
             encoder, self.history_ = Encoder(m).eval(), []
         else:
