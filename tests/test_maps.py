@@ -97,6 +97,18 @@ def test_maps_of_non_square_images_keep_their_size(encoder):
     assert bank.grid_ == (24, 20)  # CIFAR stem: stage 2 is 24 x 40; 40 > max_grid is pooled by 2
 
 
+def test_scores_do_not_depend_on_the_batch_or_on_the_maps(encoder):
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (6, 3, SIZE, SIZE), generator=gen, dtype=torch.uint8)
+    test = with_square(torch.randint(0, 256, (5, 3, SIZE, SIZE), generator=gen, dtype=torch.uint8))
+    maps, scores = PatchBank(encoder, batch_size=32).fit(train).score(test)
+    one = PatchBank(encoder, batch_size=1).fit(train)
+    no_maps, one_scores = one.score(test, with_maps=False)
+    assert no_maps is None
+    assert torch.allclose(one_scores, scores, rtol=1e-5)
+    assert torch.allclose(one.score(test)[0], maps, rtol=1e-5, atol=1e-6)
+
+
 def test_bank_size_is_bounded(encoder):
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 32, 32), generator=gen, dtype=torch.uint8)

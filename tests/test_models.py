@@ -149,6 +149,28 @@ def test_feature_maps_and_map_dims():
             model.feature_maps(x, bad)
 
 
+@pytest.mark.parametrize("backbone,stem", [("resnet18", "cifar"), ("resnet50", "imagenet"),
+                                           ("efficientnet_lite0", "imagenet")])
+def test_inference_copy_computes_the_same_maps_without_batchnorm(backbone, stem):
+    torch.manual_seed(0)
+    model = Encoder(small(backbone=backbone, stem=stem, init="pytorch", image_size=64)).train()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics a fold must carry over
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    twin = model.for_inference()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in twin.backbone.modules())
+    assert not twin.training and not any(p.requires_grad for p in twin.parameters())
+    assert model.training and all(p.requires_grad for p in model.parameters())  # the original is untouched
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = model.eval().feature_maps(x, (2, 3))
+        got = twin.feature_maps(x, (2, 3))
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
 def test_input_normalisation_follows_the_stem():
     """The ImageNet stem normalises as torchvision's pretrained weights expect; the CIFAR stem keeps x * 2 - 1."""
     x = torch.rand(2, 3, 8, 8)

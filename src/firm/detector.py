@@ -344,7 +344,7 @@ class FIRMDetector(BaseEstimator):
 
     def _raw_scores(self, images: Tensor) -> np.ndarray:
         if self.score_ == PATCH:
-            return self.patches_.score(images)[1].numpy().astype(np.float64)
+            return self.patches_.score(images, with_maps=False)[1].numpy().astype(np.float64)
         e = self.settings_.eval
         queries = extract_features(self.encoder_, images, e.tta, query=True, seed=self.settings_.train.seed,
                                    progress=self.progress, config=e)

@@ -225,7 +225,7 @@ def _patch_scorer(patches, shape: tuple[int, int]):
     class PatchScorer(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.encoder = patches.encoder
+            self.encoder = patches.encoder.for_inference()  # the weights PatchBank.score runs
             bank = patches.bank_.float()
             self.register_buffer("bank", bank)
             self.register_buffer("bank_sq", (bank * bank).sum(1))

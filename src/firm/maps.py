@@ -26,8 +26,9 @@ How a map is made (Roth et al., "Towards Total Recall in Industrial Anomaly Dete
    largest part of ``fit`` on a CPU.
 3. *Maps.* Each test patch's Euclidean distance to its nearest bank patch (exact, through
    the tiled kNN search), placed at the patch's centre and interpolated bilinearly to every pixel,
-   then smoothed by a Gaussian (sigma 4 px, as PatchCore). The image score is the map's
-   maximum (higher = more anomalous).
+   then smoothed by a Gaussian (sigma 4 px, as PatchCore). The image score is PatchCore's
+   re-weighted distance of the image's most distant patch (:meth:`PatchBank.score`); higher =
+   more anomalous for both.
 
 Metrics: :func:`pixel_auroc` (ROC over all pixels) and :func:`pro_score` (area under the
 per-region-overlap curve up to a false-positive rate of 0.3, normalised, as in MVTec AD).
@@ -60,6 +61,9 @@ __all__ = ["PatchBank", "PatchGrid", "patch_features", "greedy_coreset", "neares
 
 MAPS_INDEX = "index.csv"  # written by save_overlays beside the PNG files: file, name, score
 _STAGES = (2, 3)
+# On a CPU a forward pass over more pixels than this is slower per image, not faster: the
+# activations of a large batch no longer stay in the caches, and each one is a fresh allocation.
+_CPU_BATCH_PIXELS = 2 ** 18
 
 
 def _stride(pixels: int, cells: int) -> int:
@@ -219,9 +223,10 @@ class PatchBank:
     patches kept, 1.0 = all), ``max_bank`` (at most this many patches kept: bounds the memory,
     the coreset's cost and the search), ``projection_dim`` (dimensions of the random projection
     for the coreset selection), ``sigma`` (Gaussian smoothing of the maps, in input pixels),
-    ``max_grid`` (patches per side at most), ``batch_size`` (images per forward pass and per
-    search), ``seed``, ``neighbours`` (the bank neighbourhood of PatchCore's image-score
-    re-weighting, :meth:`score`), ``progress`` (bars for feature extraction, coreset and scoring).
+    ``max_grid`` (patches per side at most), ``batch_size`` (images per search and per forward
+    pass, fewer in a pass on a CPU when the images are large), ``seed``, ``neighbours`` (the bank
+    neighbourhood of PatchCore's image-score re-weighting, :meth:`score`), ``progress`` (bars for
+    feature extraction, coreset and scoring).
 
     Fitted attributes: ``bank_`` (scaled patch features ``(M, D)``), ``stage_scales_`` (the
     mean patch norm of each stage on the training images, which the features are divided by),
@@ -255,20 +260,18 @@ class PatchBank:
 
     def _patches(self, images: Tensor, desc: str):
         """Yield ``(start, patch features (B * h * w, D) on the CPU, (B, h, w), layout)`` batch by
-        batch, the model in eval mode."""
+        batch, from the encoder's inference copy (:meth:`~firm.models.Encoder.for_inference`)."""
         from tqdm.auto import tqdm
-        model, device = self.encoder, model_device(self.encoder)
-        was_training = model.training
-        model.eval()
-        try:
-            for start in tqdm(range(0, len(images), self.batch_size), desc=desc, unit="batch",
-                              disable=not self.progress, leave=False):
-                x = images[start:start + self.batch_size].to(device).float().div_(255)
-                feats, layout = patch_features(model, x, self.stages, self.max_grid)
-                b, d, h, w = feats.shape
-                yield start, feats.permute(0, 2, 3, 1).reshape(-1, d).cpu(), (b, h, w), layout
-        finally:
-            model.train(was_training)
+        model, device = self.encoder.for_inference(), model_device(self.encoder)
+        step = self.batch_size
+        if device.type == "cpu":
+            step = max(1, min(step, _CPU_BATCH_PIXELS // (images.shape[-2] * images.shape[-1])))
+        for start in tqdm(range(0, len(images), step), desc=desc, unit="batch",
+                          disable=not self.progress, leave=False):
+            x = images[start:start + step].to(device).float().div_(255)
+            feats, layout = patch_features(model, x, self.stages, self.max_grid)
+            b, d, h, w = feats.shape
+            yield start, feats.permute(0, 2, 3, 1).reshape(-1, d).cpu(), (b, h, w), layout
 
     def _stage_split(self) -> list[int]:
         return list(self.encoder.map_dims(self.stages))
@@ -311,9 +314,10 @@ class PatchBank:
         bilinearly between centres, then smoothed by the Gaussian."""
         return self.score(images)[0]
 
-    def score(self, images: "Tensor | PatchGrid") -> tuple[Tensor, Tensor]:
-        """Anomaly maps ``(N, H, W)`` (:meth:`anomaly_maps`) and image scores ``(N,)``, in one pass
-        (``images``: uint8 ``(N, C, H, W)``, or their :meth:`extract`).
+    def score(self, images: "Tensor | PatchGrid", with_maps: bool = True) -> tuple[Tensor | None, Tensor]:
+        """Anomaly maps ``(N, H, W)`` (:meth:`anomaly_maps`; None when not ``with_maps``, which
+        saves their upsampling and smoothing) and image scores ``(N,)``, in one pass (``images``:
+        uint8 ``(N, C, H, W)``, or their :meth:`extract`).
 
         The image score is PatchCore's: the largest patch distance ``s*`` of the image, weighted
         by how unusual the bank's neighbourhood of that patch's nearest bank patch ``m*`` is:
@@ -326,13 +330,15 @@ class PatchBank:
         grid = images if isinstance(images, PatchGrid) else self.extract(images)
         (H, W), (oy, sy, ox, sx) = grid.image_shape, grid.layout
         n, h, w, _ = grid.features.shape
-        maps, scores = torch.empty(n, H, W), torch.empty(n)
+        maps, scores = torch.empty(n, H, W) if with_maps else None, torch.empty(n)
         scales = self._channel_scales()
         for start in range(0, n, self.batch_size):
             feats = grid.features[start:start + self.batch_size] / scales
             b = len(feats)
             dist = nearest_distance(self.bank_, feats.reshape(b * h * w, -1))
             scores[start:start + b] = self._reweighted(feats.view(b, h * w, -1), dist.view(b, h * w))
+            if not with_maps:
+                continue
             up = _sample(dist.view(b, 1, h, w), (torch.arange(H) - oy) / sy, (torch.arange(W) - ox) / sx)
             maps[start:start + b] = gaussian_blur(up.squeeze(1), self.sigma)
         return maps, scores

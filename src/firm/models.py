@@ -12,6 +12,7 @@ stay loadable.
 """
 from __future__ import annotations
 
+import copy
 import pickle
 from dataclasses import dataclass
 import re
@@ -334,6 +335,14 @@ class Encoder(nn.Module):
     def map_dims(self, stages: Sequence[int] = (2, 3)) -> list[int]:
         """Channel counts of :meth:`feature_maps` for ``stages``."""
         return self.backbone.map_dims(stages)
+
+    def for_inference(self) -> "Encoder":
+        """A copy for extracting features, never for training or saving: eval mode, no
+        gradients, BatchNorm folded into the convolutions (:meth:`StagedBackbone.fold_batchnorm`)
+        and channels-last weights, which the CPU and GPU convolution kernels run faster."""
+        twin = copy.deepcopy(self).eval().requires_grad_(False)
+        twin.backbone.fold_batchnorm()
+        return twin.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.head(self.features(x))
