@@ -339,7 +339,7 @@ class Encoder(nn.Module):
     def for_inference(self) -> "Encoder":
         """A copy for extracting features, never for training or saving: eval mode, no
         gradients, BatchNorm folded into the convolutions (:meth:`StagedBackbone.fold_batchnorm`)
-        and channels-last weights, which the CPU and GPU convolution kernels run faster."""
+        and channels-last weights, the layout that oneDNN (CPU) and cuDNN convolutions run fastest in."""
         twin = copy.deepcopy(self).eval().requires_grad_(False)
         twin.backbone.fold_batchnorm()
         return twin.to(memory_format=torch.channels_last)
