@@ -39,6 +39,7 @@ from firm.scoring import knn_similarity
 from firm.serialization import atomic_write, read_json, write_json
 
 SEEDS = (0, 1, 2)
+UNITS = ("kolektorsdd", "mvtec_screw", "kolektorsdd-synthetic", "mvtec_screw-synthetic")  # every stage is decided over all four
 BASE = {"patch_stages": (2, 3), "pretrained_size": 224, "patch_bank": 4096}
 STAGES = [("patch_stages", [(2, 3), (2,), (3,)]), ("pretrained_size", [160, 224, 288]),
           ("patch_bank", [1024, 4096, 16384])]
@@ -440,7 +441,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", help="folder holding the development sets (MVTec AD layout)")
     p.add_argument("--out", default="docs/results/detector-protocol")
-    p.add_argument("--units", default="kolektorsdd,mvtec_screw,kolektorsdd-synthetic,mvtec_screw-synthetic")
+    p.add_argument("--units", default=",".join(UNITS),
+                   help="units whose final rows this run measures (the stages are always decided over all four)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="raw_pixel,patch",
                    help="comma list of what the final rows measure once the stages are decided: " + ", ".join(METHODS))
@@ -467,6 +469,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = Results(out / "results.json")
     units, seeds = args.units.split(","), [int(s) for s in args.seeds.split(",")]
+    if set(units) - set(UNITS):
+        p.error(f"unknown units {sorted(set(units) - set(UNITS))}; the protocol's units are {', '.join(UNITS)}")
     if args.digits:  # a folder of its own (--out), so that it can run beside the protocol
         digits_rows(results, seeds[:1])
         atomic_write(out / "report.md", report(results, [], []))
@@ -475,8 +479,8 @@ def main(argv=None) -> int:
     for name, values in STAGES:
         candidates = [{**config, name: v} for v in values]
         if not args.report_only and not args.small:
-            selection_rows(results, Path(args.root), units, candidates, seeds)
-        winner, table = choose(results, units, candidates)
+            selection_rows(results, Path(args.root), list(UNITS), candidates, seeds)
+        winner, table = choose(results, list(UNITS), candidates)
         stages.append((name, candidates, winner, table))
         if winner is None:
             break
@@ -496,7 +500,7 @@ def main(argv=None) -> int:
             else:
                 name, overrides = METHODS[method]
                 final_rows(results, root, units, seeds, name, {**chosen, **overrides} if method != "firm" else overrides)
-    atomic_write(out / "report.md", report(results, units, stages))
+    atomic_write(out / "report.md", report(results, list(UNITS), stages))
     write_json(out / "chosen.json", {"stages_decided": len(decided), "config": config})
     print(f"report written to {out / 'report.md'}")
     return 0
