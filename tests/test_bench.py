@@ -98,6 +98,16 @@ def test_interrupted_bench_completes_the_rest_without_redoing(tmp_path, monkeypa
     assert len(run_grid(specs, settings, tmp_path, progress=False, log=lambda *_: None)) == len(specs) and calls == []
 
 
+def test_one_job_runs_with_the_threads_given_and_gives_them_back(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "_run_cell", lambda *a, **k: seen.append(torch.get_num_threads()) or {"run": "x"})
+    monkeypatch.setattr(bench, "_summary", lambda result: "")
+    specs = plan_grid(tiny(), ["digits"], ["1"], ["firm", "ntxent"], [0])
+    before = torch.get_num_threads()
+    run_grid(specs, tiny(), tmp_path, jobs=1, threads=before + 1, progress=False, log=lambda *_: None)
+    assert seen == [before + 1] * 2 and torch.get_num_threads() == before
+
+
 def test_shards_partition_the_grid():
     base = preset("cpu")
     full = plan_grid(base, ["cifar10"], None, ["firm", "ntxent"], [0, 1])

@@ -86,16 +86,23 @@ def spec_settings(base: Settings, spec: RunSpec) -> Settings:
 _CACHE: DataCache | None = None
 
 
-def _init_worker(threads: int) -> None:
-    """A bench worker: its own data cache, and ``threads`` threads for torch and faiss."""
-    global _CACHE
+def _set_threads(threads: int) -> int:
+    """Give torch and faiss ``threads`` threads; returns torch's number before."""
     import torch
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         import faiss
         faiss.omp_set_num_threads(threads)
     except ImportError:  # pragma: no cover
         pass
+    return before
+
+
+def _init_worker(threads: int) -> None:
+    """A bench worker: its own data cache, and ``threads`` threads for torch and faiss."""
+    global _CACHE
+    _set_threads(threads)
     _CACHE = DataCache()
 
 
@@ -175,10 +182,17 @@ def run_grid(specs: list[RunSpec], base: Settings, out_dir: str | Path, preset_n
         else:
             todo.append((settings, spec, path))
     if jobs <= 1:
-        for settings, spec, path in tqdm(todo, desc="bench", disable=not progress, unit="run"):
-            result = _run_cell(settings, spec, path, preset_name, progress)
-            log(_summary(result))
-            results.append(result)
+        # two runs side by side, each with every core's worth of threads, slow each other down
+        # several-fold, so a thread count given for one job is kept here too
+        before = _set_threads(threads) if threads else None
+        try:
+            for settings, spec, path in tqdm(todo, desc="bench", disable=not progress, unit="run"):
+                result = _run_cell(settings, spec, path, preset_name, progress)
+                log(_summary(result))
+                results.append(result)
+        finally:
+            if before is not None:
+                _set_threads(before)
         return results
     import multiprocessing as mp
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
