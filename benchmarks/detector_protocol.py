@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,11 +45,23 @@ BASE = {"patch_stages": (2, 3), "pretrained_size": 224, "patch_bank": 4096}
 STAGES = [("patch_stages", [(2, 3), (2,), (3,)]), ("pretrained_size", [160, 224, 288]),
           ("patch_bank", [1024, 4096, 16384])]
 TOLERANCE = 0.005  # a cheaper candidate within this of the best primary figure wins
-# The final rows' methods: the name their rows carry and the detector settings beside the chosen
-# ones (raw_pixel is the kNN baseline, not a detector).
-METHODS = {"raw_pixel": ("raw_pixel_knn", {}), "patch": ("patch_detector", {"method": "patch"}),
-           "finetune": ("patch_finetuned", {"method": "finetune", "shifts": "auto"}),
-           "firm": ("firm_from_scratch", {"method": "firm"})}
+
+
+class FinalMethod(NamedTuple):
+    """A method of the final rows: the name its rows carry, the detector settings beside the
+    stages' choice (``chosen``: at the chosen layers, size and bank), and whether anything in it
+    is random on a real unit (if not, one seed is its row there)."""
+    name: str
+    overrides: dict
+    chosen: bool = False
+    random: bool = True
+
+
+# raw_pixel is the kNN baseline, not a detector
+METHODS = {"raw_pixel": FinalMethod("raw_pixel_knn", {}, random=False),
+           "patch": FinalMethod("patch_detector", {"method": "patch"}, chosen=True),
+           "finetune": FinalMethod("patch_finetuned", {"method": "finetune", "shifts": "auto"}, chosen=True),
+           "firm": FinalMethod("firm_from_scratch", {"method": "firm"})}
 SYNTHETIC_SHARE = 0.2
 PIXEL_SIZE = 64
 SMALL_SIZE = 64  # the patch path's side for small images (addendum 2)
@@ -353,12 +366,11 @@ def digits_rows(results: Results, seeds) -> None:
                   flush=True)
 
 
-def final_rows(results: Results, root: Path, units: list[str], seeds, method: str, overrides: dict) -> None:
-    """Each (unit, seed) row of ``method`` in its own process, so that its peak memory is its own. The
-    raw-pixel baseline draws nothing at random: on a real unit one seed is its row."""
+def final_rows(results: Results, root: Path, units: list[str], seeds, final: FinalMethod, chosen: dict) -> None:
+    """Each (unit, seed) row of ``final`` in its own process, so that its peak memory is its own."""
+    method, overrides = final.name, {**chosen, **final.overrides} if final.chosen else final.overrides
     for unit in units:
-        deterministic = method == "raw_pixel_knn" and not unit.endswith("-synthetic")
-        for seed in (seeds[:1] if deterministic else seeds):
+        for seed in (seeds if final.random or unit.endswith("-synthetic") else seeds[:1]):
             key = f"final/{method}/{unit}/s{seed}"
             if key in results:
                 continue
@@ -503,10 +515,7 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             if method not in METHODS:
                 p.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-            name, overrides = METHODS[method]
-            if method in ("patch", "finetune"):
-                overrides = {**chosen, **overrides}
-            final_rows(results, root, units, seeds, name, overrides)
+            final_rows(results, root, units, seeds, METHODS[method], chosen)
     atomic_write(out / "report.md", report(results, list(UNITS), stages))
     write_json(out / "chosen.json", {"stages_decided": len(decided), "config": config})
     print(f"report written to {out / 'report.md'}")
