@@ -1,6 +1,6 @@
 """firm.training: the batch plan (which image and which variant fills each slot of a batch), the
 Trainer's input checks, a NaN loss, checkpoints of another model, the time of a resumed run, and
-the learning-rate schedule of the paper preset."""
+the learning-rate schedule of the paper preset, and that a learning curve never changes training."""
 import dataclasses
 import math
 import time
@@ -122,6 +122,29 @@ def test_a_resumed_run_counts_the_time_spent_before_it_was_stopped(tmp_path):
     assert resumed.seconds_before_resume >= 1.0
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
     assert resumed.seconds >= resumed.seconds_before_resume + sum(r["seconds"] for r in resumed.history[2:])
+
+
+def test_the_learning_curve_never_changes_training():
+    """Evaluating every epoch (in eval mode, drawing no training randomness) leaves the losses and the
+    weights exactly as a run without a curve: curves measure, they never steer."""
+    images = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    def curve(model, epoch):
+        model.eval()
+        with torch.no_grad():
+            model(images[:8].float() / 255)
+        return {"probe": 0.0}
+
+    runs = []
+    for every in (0, 1):
+        cfg = TrainConfig(epochs=3, batch_size=16, device="cpu", channels_last=False, eval_every=every)
+        torch.manual_seed(0)
+        trainer = Trainer(Encoder(TINY), cfg, images, evaluate=curve, progress=False)
+        model = trainer.train()
+        runs.append(([r["loss"] for r in trainer.history if "loss" in r], model.state_dict()))
+    (losses_plain, weights_plain), (losses_curve, weights_curve) = runs
+    assert losses_plain == losses_curve
+    assert all(torch.equal(weights_plain[k], weights_curve[k]) for k in weights_plain)
 
 
 TOTAL = 200  # steps: 200 epochs of one batch
