@@ -2,8 +2,8 @@
 # The selection effect (docs/results/cifar10-selection): the budget ladder's classes 0, 2, 6 x FIRM / NT-Xent
 # at 100 epochs, seed 0, the cpu preset, with the authors' learning curve: every 10 epochs, their six scorers,
 # plain and rotation-averaged. The report sets the last epoch (ours) beside the checkpoint with the best test
-# cos5-angled AUROC (theirs; measured, never used). Training is the ladder's 100-epoch rung but for the curve,
-# so the last-epoch figures should repeat docs/results/cifar10-ladder's. One run at a time, one torch thread,
+# cos5-angled AUROC (theirs; measured, never used). The settings are the ladder's 100-epoch rung but for the
+# curve; the digits differ from docs/results/cifar10-ladder's, which trained channels-last. One torch thread,
 # lowest priority. Rerun the same command to resume: finished runs are skipped and a stopped run continues from
 # its last checkpoint (every 5 epochs). Then, for the report:
 #   firm bench --dataset cifar10 --losses firm,ntxent --classes 0,2,6 --seeds 0 --out OUT --report-only
