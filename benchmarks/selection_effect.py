@@ -16,42 +16,33 @@ import json
 import statistics
 from pathlib import Path
 
-from firm.bench_stats import SELECTION, final_aurocs, learning_curves, load_runs, method_order
+from firm.bench_stats import SELECTION, best_checkpoint, final_aurocs, learning_curves, load_runs, method_order
 
 TARGETS = (("cos1", "none"), SELECTION)
 STRIDES = (1, 10)
 """Choose among every evaluation, or among every tenth epoch's (the authors' spacing)."""
 
 
-def best_by(selector: tuple[list, list], target: tuple[list, list], stride: int) -> float | None:
-    """The target curve's AUROC at the selector's best evaluation among epochs > 0 divisible by ``stride``
-    (the earliest of equal bests)."""
-    by_epoch = dict(zip(*target))
-    candidates = [(v, -e) for e, v in zip(*selector) if e > 0 and e % stride == 0 and e in by_epoch]
-    return by_epoch[-max(candidates)[1]] if candidates else None
-
-
 def folder_rows(folder: Path, budget: int) -> list[dict]:
-    """One row per (method, target scorer/ensemble, stride) of the folder's runs at ``budget`` epochs."""
+    """One row per (method, target scorer/ensemble, stride) of the folder's runs at ``budget`` epochs; a
+    stride finer than the curve's own spacing is left out (it repeats the next one)."""
     _, records = load_runs(folder)
     records = [r for r in records if r.get("budget") in (budget, None)]
-    selecting = SELECTION if learning_curves(records, *SELECTION) else ("cos1", "none")
-    selector = learning_curves(records, *selecting)
-    spacing = min(e for epochs, _ in selector.values() for e in epochs if e > 0)
-    strides = sorted({max(s, spacing) for s in STRIDES})
     rows = []
     for target in TARGETS:
         last, curves = final_aurocs(records, *target), learning_curves(records, *target)
         if not curves:
             continue
-        for method in method_order({k[3] for k in last}):
-            keys = [k for k in last if k[3] == method and k in curves and k in selector]
-            for stride in strides:
-                best = [best_by(selector[k], curves[k], stride) for k in keys]
-                if keys and None not in best:
-                    mean_last, mean_best = statistics.fmean(last[k] for k in keys), statistics.fmean(best)
+        spacing = min(e for epochs, _ in curves.values() for e in epochs if e > 0)
+        for stride in sorted({max(s, spacing) for s in STRIDES}):
+            best = best_checkpoint(records, *target, every=stride)
+            for method in method_order({k[3] for k in last}):
+                keys = [k for k in last if k[3] == method and k in best]
+                if keys:
+                    mean_last = statistics.fmean(last[k] for k in keys)
+                    mean_best = statistics.fmean(best[k][0] for k in keys)
                     rows.append({"folder": folder.name, "method": method, "target": "/".join(target),
-                                 "selected_by": "/".join(selecting), "every": stride, "runs": len(keys),
+                                 "selected_by": best[keys[0]][1], "every": stride, "runs": len(keys),
                                  "last_epoch": mean_last, "best_test_checkpoint": mean_best,
                                  "added_points": 100 * (mean_best - mean_last)})
     return rows

@@ -317,3 +317,13 @@ def test_best_test_checkpoint_never_feeds_the_returned_model():
     ((auroc, selected_by),) = best.values()
     assert selected_by == "cos5/angled"
     assert auroc in {r["auroc"] for r in curve if (r["scorer"], r["tta"]) == ("cos1", "none") and r["epoch"] > 0}
+
+
+def test_best_test_checkpoint_chooses_among_every_nth_epoch_only():
+    from firm.bench_stats import best_checkpoint
+    curve = {0: 0.50, 3: 0.90, 10: 0.70, 20: 0.80, 30: 0.75}  # the best evaluation (epoch 3) is off the stride
+    records = [{"dataset": "d", "eval_set": "test", "normal_class": "0", "loss": "firm", "seed": 0, "final": False,
+                "scorer": "cos1", "tta": "none", "epoch": e, "auroc": v} for e, v in curve.items()]
+    assert best_checkpoint(records)[("d", "test", 0, "firm", 0)] == (0.90, "cos1/none")
+    assert best_checkpoint(records, every=10)[("d", "test", 0, "firm", 0)] == (0.80, "cos1/none")
+    assert best_checkpoint(records, every=40) == {}

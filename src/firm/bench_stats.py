@@ -142,22 +142,25 @@ def speedup_log_ratios(firm_epochs: dict[Cell, float], other_epochs: dict[Cell, 
     return {c: math.log(other_epochs[c] / e) for c, e in firm_epochs.items() if math.isfinite(e) and e > 0}
 
 
-def best_checkpoint(records: list[dict], scorer: str = "cos1", tta: str = "none") -> dict[Key, tuple[float, str]]:
+def best_checkpoint(records: list[dict], scorer: str = "cos1", tta: str = "none",
+                    every: int = 1) -> dict[Key, tuple[float, str]]:
     """The authors' selection, measured and never used: per run, the learning-curve AUROC
-    (``scorer``, ``tta``) at the evaluation (after epoch 0) with the best test AUROC of
-    ``SELECTION``, or of ``scorer``/``tta`` itself where the curve does not record ``SELECTION``.
-    Optimistic by construction (the test labels choose the epoch). Returns ``{key: (AUROC, the
-    selecting scorer/ensemble)}`` for runs whose curve has at least one evaluation after epoch 0."""
+    (``scorer``, ``tta``) at the evaluation (after epoch 0, at an epoch divisible by ``every``) with
+    the best test AUROC of ``SELECTION``, or of ``scorer``/``tta`` itself where the curve does not
+    record ``SELECTION``. Optimistic by construction (the test labels choose the epoch; the more
+    candidates, the more so). Returns ``{key: (AUROC, the selecting scorer/ensemble)}`` for runs
+    whose curve has at least one such evaluation."""
     target = learning_curves(records, scorer, tta)
     chosen = learning_curves(records, *SELECTION)
     out = {}
     for key, (epochs, values) in target.items():
         by_epoch = dict(zip(epochs, values))
         sel_epochs, sel_values = chosen.get(key, ([], []))
-        candidates = [(v, e) for e, v in zip(sel_epochs, sel_values) if e > 0 and e in by_epoch]
+        candidates = [(v, e) for e, v in zip(sel_epochs, sel_values) if e > 0 and e % every == 0 and e in by_epoch]
         label = "/".join(SELECTION)
         if not candidates:
-            candidates, label = [(v, e) for e, v in by_epoch.items() if e > 0], f"{scorer}/{tta}"
+            candidates = [(v, e) for e, v in by_epoch.items() if e > 0 and e % every == 0]
+            label = f"{scorer}/{tta}"
         if candidates:
             best = max(candidates, key=lambda ve: (ve[0], -ve[1]))  # the earliest of equal bests
             out[key] = (by_epoch[best[1]], label)
